@@ -1,0 +1,141 @@
+// lcsc_fast._C: converts Python buffers and ints to the kernels' plain parameters.
+//
+// Tables arrive as 1-D buffers (Python's array module on the engine side): int64 numels,
+// uint64 pointers, int32 dtype codes, float32 coefficients. Everything about tensors (shapes,
+// devices, dtypes, overlap) was checked by lcsc_fast/engine.py before it built them; this
+// layer checks only that the tables are consistent with each other.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "lcsc/merge.h"
+
+namespace py = pybind11;
+
+static_assert(sizeof(void*) == sizeof(uint64_t), "lcsc_fast needs a 64-bit platform");
+
+namespace {
+
+#ifndef LCSC_CUDA_ARCHS
+#define LCSC_CUDA_ARCHS ""
+#endif
+
+// A 1-D buffer of `count` items of type T, whose format character is one of `formats`.
+template <class T>
+const T* table(const py::buffer_info& info, int64_t count, const char* name) {
+  if (info.ndim != 1 || info.itemsize != static_cast<py::ssize_t>(sizeof(T))) {
+    throw std::invalid_argument(std::string(name) + ": expected a 1-D buffer of " +
+                                std::to_string(sizeof(T)) + "-byte items");
+  }
+  if (info.size != count) {
+    throw std::invalid_argument(std::string(name) + ": expected " + std::to_string(count) +
+                                " items, got " + std::to_string(info.size));
+  }
+  if (info.strides[0] != static_cast<py::ssize_t>(sizeof(T))) {
+    throw std::invalid_argument(std::string(name) + ": buffer must be contiguous");
+  }
+  return static_cast<const T*>(info.ptr);
+}
+
+struct Tables {
+  py::buffer_info numels, outs, out_dtypes, bases, base_dtypes, srcs, src_dtypes, coeffs;
+  lcsc::MergeArgs args;
+
+  Tables(const py::buffer& numels_, const py::buffer& outs_, const py::buffer& out_dtypes_,
+         const py::buffer& bases_, const py::buffer& base_dtypes_, const py::buffer& srcs_,
+         const py::buffer& src_dtypes_, const py::buffer& coeffs_, int64_t num_sources,
+         int64_t num_outputs)
+      : numels(numels_.request()), outs(outs_.request()), out_dtypes(out_dtypes_.request()),
+        bases(bases_.request()), base_dtypes(base_dtypes_.request()), srcs(srcs_.request()),
+        src_dtypes(src_dtypes_.request()), coeffs(coeffs_.request()) {
+    if (num_sources < 1 || num_outputs < 1) {
+      throw std::invalid_argument("num_sources and num_outputs must be at least 1");
+    }
+    const int64_t T = numels.size, N = num_sources, K = num_outputs;
+    args.num_tensors = T;
+    args.num_sources = N;
+    args.num_outputs = K;
+    args.numels = table<int64_t>(numels, T, "numels");
+    args.outs = reinterpret_cast<void* const*>(table<uint64_t>(outs, K * T, "outs"));
+    args.out_dtypes = table<int32_t>(out_dtypes, T, "out_dtypes");
+    args.bases = reinterpret_cast<const void* const*>(table<uint64_t>(bases, T, "bases"));
+    args.base_dtypes = table<int32_t>(base_dtypes, T, "base_dtypes");
+    args.srcs = reinterpret_cast<const void* const*>(table<uint64_t>(srcs, T * N, "srcs"));
+    args.src_dtypes = table<int32_t>(src_dtypes, T * N, "src_dtypes");
+    args.coeffs = table<float>(coeffs, K * N, "coeffs");
+  }
+};
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "lcsc_fast native merge engine (CPU, and CUDA when compiled in)";
+
+  m.def(
+      "merge_cpu",
+      [](py::buffer numels, py::buffer outs, py::buffer out_dtypes, py::buffer bases,
+         py::buffer base_dtypes, py::buffer srcs, py::buffer src_dtypes, py::buffer coeffs,
+         int64_t num_sources, int64_t num_outputs, int num_threads) {
+        Tables tables(numels, outs, out_dtypes, bases, base_dtypes, srcs, src_dtypes, coeffs,
+                      num_sources, num_outputs);
+        py::gil_scoped_release release;
+        lcsc::merge_cpu(tables.args, num_threads);
+      },
+      "Fused weighted sum over T tensors x N sources x K outputs on the CPU.");
+
+  m.def(
+      "merge_cuda",
+      [](py::buffer numels, py::buffer outs, py::buffer out_dtypes, py::buffer bases,
+         py::buffer base_dtypes, py::buffer srcs, py::buffer src_dtypes, py::buffer coeffs,
+         int64_t num_sources, int64_t num_outputs, int device, uintptr_t stream) {
+        Tables tables(numels, outs, out_dtypes, bases, base_dtypes, srcs, src_dtypes, coeffs,
+                      num_sources, num_outputs);
+        py::gil_scoped_release release;
+        lcsc::merge_cuda(tables.args, device, stream);
+      },
+      "The same op enqueued on a CUDA stream (a cudaStream_t as an int).");
+
+  m.def(
+      "find_overlap",
+      [](py::buffer numels, py::buffer outs, py::buffer out_dtypes, py::buffer bases,
+         py::buffer base_dtypes, py::buffer srcs, py::buffer src_dtypes, py::buffer coeffs,
+         int64_t num_sources, int64_t num_outputs) -> py::object {
+        Tables tables(numels, outs, out_dtypes, bases, base_dtypes, srcs, src_dtypes, coeffs,
+                      num_sources, num_outputs);
+        lcsc::validate(tables.args);
+        const lcsc::Overlap o = lcsc::find_overlap(tables.args);
+        if (!o.found) return py::none();
+        return py::make_tuple(o.out_k, o.out_t, o.other_k, o.in_t, o.in_i);
+      },
+      "None, or (out_k, out_t, other_k, in_t, in_i) naming the first illegal overlap.");
+
+  m.def("cuda_compiled", &lcsc::cuda_compiled);
+  m.def("cuda_device_count", &lcsc::cuda_device_count);
+  m.def("simd_level", &lcsc::simd_level, "The SIMD level CPU merges use now.");
+  m.def("set_simd_level", [](const std::string& name) { lcsc::set_simd_level(name.c_str()); },
+        "Force a SIMD level (scalar, avx2, avx512) or go back to the best ('auto').");
+  m.def(
+      "read_probe",
+      [](uintptr_t ptr, int64_t nbytes, int num_threads) {
+        py::gil_scoped_release release;
+        return lcsc::read_probe(reinterpret_cast<const void*>(ptr), nbytes, num_threads);
+      },
+      "Read nbytes at ptr with num_threads threads; returns a checksum (a bandwidth probe).");
+
+  m.def("build_info", [] {
+    py::dict info;
+    info["cuda_compiled"] = lcsc::cuda_compiled();
+    info["cuda_architectures"] = std::string(LCSC_CUDA_ARCHS);
+#if defined(_OPENMP)
+    info["openmp"] = true;
+#else
+    info["openmp"] = false;
+#endif
+    info["simd"] = std::string(lcsc::simd_level());
+    info["simd_available"] = std::string(lcsc::simd_levels_available());
+    info["compiler"] = std::string(__VERSION__);
+    return info;
+  });
+}

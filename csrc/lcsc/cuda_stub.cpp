@@ -1,0 +1,16 @@
+// Compiled instead of merge_cuda.cu when CMake finds no CUDA compiler (or LCSC_CUDA=OFF).
+#include <stdexcept>
+
+#include "merge.h"
+
+namespace lcsc {
+
+bool cuda_compiled() { return false; }
+int cuda_device_count() { return 0; }
+
+void merge_cuda(const MergeArgs&, int, uintptr_t) {
+  throw std::runtime_error(
+      "lcsc_fast was built without CUDA; reinstall with nvcc on PATH to merge CUDA tensors");
+}
+
+}  // namespace lcsc

@@ -1,0 +1,64 @@
+// The merge op's parameters, shared by the CPU and CUDA entry points.
+//
+// One call merges T tensors. For tensor t and output k:
+//   outs[k*T + t][e] = round_to_out_dtype(bases[t][e] + sum_{i<N} coeffs[k*N + i] * srcs[t*N + i][e])
+// for e < numels[t]. The sum is accumulated in float32 in source order 0..N-1, starting from
+// zero, and the base (when bases[t] is non-null) is added last, so results do not depend on
+// the thread count or the code path. An output may be the same buffer as its own base or
+// sources (the caller checks that nothing overlaps otherwise): every element's inputs are read
+// before it is written.
+#pragma once
+
+#include <cstdint>
+
+namespace lcsc {
+
+struct MergeArgs {
+  int64_t num_tensors = 0;   // T
+  int64_t num_sources = 0;   // N
+  int64_t num_outputs = 0;   // K
+  const int64_t* numels = nullptr;       // [T]
+  void* const* outs = nullptr;           // [K, T]
+  const int32_t* out_dtypes = nullptr;   // [T]
+  const void* const* bases = nullptr;    // [T], null = no base
+  const int32_t* base_dtypes = nullptr;  // [T]
+  const void* const* srcs = nullptr;     // [T, N]
+  const int32_t* src_dtypes = nullptr;   // [T, N]
+  const float* coeffs = nullptr;         // [K, N]
+};
+
+// Throws std::invalid_argument on malformed args (sizes, dtype codes, null pointers).
+void validate(const MergeArgs& args);
+
+// The first overlap in memory that would make the result depend on the order of the writes:
+// two outputs sharing bytes, or an output sharing bytes with an input that is not exactly the
+// same buffer (same start, size and dtype) of the same tensor. found == false when there is none.
+struct Overlap {
+  bool found = false;
+  int64_t out_k = -1, out_t = -1;  // the output: outs[out_k * T + out_t]
+  int64_t other_k = -1;            // another output k (with in_t == its tensor), or -1
+  int64_t in_t = -1, in_i = -1;    // or the input: source in_i of tensor in_t, -1 = its base
+};
+Overlap find_overlap(const MergeArgs& args);
+
+// CPU: OpenMP over tiles of all tensors with num_threads threads, vectorised with the best
+// SIMD level this CPU supports (or the one forced by set_simd_level).
+void merge_cpu(const MergeArgs& args, int num_threads);
+
+// CUDA: enqueued on `stream` (a cudaStream_t) of `device`; returns without synchronising.
+// Throws std::runtime_error when CUDA is not compiled in or a CUDA call fails.
+void merge_cuda(const MergeArgs& args, int device, uintptr_t stream);
+bool cuda_compiled();
+int cuda_device_count();
+
+// SIMD levels, best last. set_simd_level throws std::invalid_argument for a level this CPU or
+// build lacks; "auto" picks the best available.
+const char* simd_level();
+void set_simd_level(const char* name);
+const char* simd_levels_available();  // comma-separated
+
+// Reads nbytes at p with num_threads threads and returns a checksum, so that benchmarks can
+// measure the streaming read bandwidth the merge kernels compete against.
+uint64_t read_probe(const void* p, int64_t nbytes, int num_threads);
+
+}  // namespace lcsc

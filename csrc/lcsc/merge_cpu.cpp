@@ -1,0 +1,235 @@
+// CPU entry point: validates the args, picks the SIMD level once, and runs tiles in parallel.
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+#if defined(LCSC_X86_DISPATCH)
+#include <cpuid.h>
+#endif
+
+#include "merge.h"
+#include "merge_cpu_kernel.h"
+
+namespace lcsc {
+namespace {
+
+enum SimdLevel : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+const char* const kLevelNames[] = {"scalar", "avx2", "avx512"};
+
+int detect_best_level() {
+#if defined(LCSC_X86_DISPATCH)
+  unsigned eax, ebx, ecx, edx;
+  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return kScalar;
+  const bool osxsave = ecx & (1u << 27), fma = ecx & (1u << 12), f16c = ecx & (1u << 29);
+  if (!osxsave || !fma || !f16c) return kScalar;
+  unsigned xcr0_lo, xcr0_hi;
+  __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+  if ((xcr0_lo & 0x6u) != 0x6u) return kScalar;  // the OS saves SSE and AVX state
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return kScalar;
+  if (!(ebx & (1u << 5))) return kScalar;  // AVX2
+  const bool avx512f = ebx & (1u << 16);
+  if (avx512f && (xcr0_lo & 0xe6u) == 0xe6u) return kAvx512;  // and opmask/ZMM state
+  return kAvx2;
+#else
+  return kScalar;
+#endif
+}
+
+int best_level() {
+  static const int best = detect_best_level();
+  return best;
+}
+
+std::atomic<int> g_level{-1};  // -1: not chosen yet, use the best
+
+int current_level() {
+  const int level = g_level.load(std::memory_order_relaxed);
+  return level < 0 ? best_level() : level;
+}
+
+cpu::TileFn tile_fn(int level) {
+#if defined(LCSC_X86_DISPATCH)
+  if (level == kAvx512) return cpu::avx512_tile();
+  if (level == kAvx2) return cpu::avx2_tile();
+#endif
+  (void)level;
+  return cpu::scalar_tile();
+}
+
+// Scratch rows of K * tile floats per thread: up to 128 KiB, which stays in L2, and at least
+// 64 elements a row so that wide batches still vectorise.
+int64_t tile_elems(int64_t num_outputs) {
+  const int64_t fit = (int64_t{8192} / num_outputs) / 64 * 64;
+  return std::clamp<int64_t>(fit, 64, 4096);
+}
+
+}  // namespace
+
+void validate(const MergeArgs& a) {
+  if (a.num_tensors < 0 || a.num_sources < 1 || a.num_outputs < 1) {
+    throw std::invalid_argument("merge: need num_tensors >= 0, num_sources >= 1, num_outputs >= 1");
+  }
+  for (int64_t t = 0; t < a.num_tensors; ++t) {
+    const std::string where = "merge: tensor " + std::to_string(t);
+    if (a.numels[t] < 0) throw std::invalid_argument(where + " has a negative numel");
+    if (!dtype_valid(a.out_dtypes[t])) throw std::invalid_argument(where + ": bad out dtype code");
+    if (a.bases[t] != nullptr && !dtype_valid(a.base_dtypes[t])) {
+      throw std::invalid_argument(where + ": bad base dtype code");
+    }
+    if (a.numels[t] == 0) continue;
+    for (int64_t k = 0; k < a.num_outputs; ++k) {
+      if (a.outs[k * a.num_tensors + t] == nullptr) {
+        throw std::invalid_argument(where + ": null output " + std::to_string(k));
+      }
+    }
+    for (int64_t i = 0; i < a.num_sources; ++i) {
+      if (a.srcs[t * a.num_sources + i] == nullptr) {
+        throw std::invalid_argument(where + ": null source " + std::to_string(i));
+      }
+      if (!dtype_valid(a.src_dtypes[t * a.num_sources + i])) {
+        throw std::invalid_argument(where + ": bad dtype code for source " + std::to_string(i));
+      }
+    }
+  }
+}
+
+Overlap find_overlap(const MergeArgs& a) {
+  struct Interval {
+    uintptr_t begin, end;
+    int64_t k, t;  // output k of tensor t
+    int32_t dtype;
+  };
+  const int64_t T = a.num_tensors, N = a.num_sources, K = a.num_outputs;
+  std::vector<Interval> writes;
+  writes.reserve(K * T);
+  for (int64_t t = 0; t < T; ++t) {
+    if (a.numels[t] == 0) continue;
+    const uintptr_t nbytes = a.numels[t] * dtype_nbytes(a.out_dtypes[t]);
+    for (int64_t k = 0; k < K; ++k) {
+      const auto begin = reinterpret_cast<uintptr_t>(a.outs[k * T + t]);
+      writes.push_back({begin, begin + nbytes, k, t, a.out_dtypes[t]});
+    }
+  }
+  std::sort(writes.begin(), writes.end(),
+            [](const Interval& x, const Interval& y) { return x.begin < y.begin; });
+  Overlap found;
+  // Sorted by start, two writes overlap only if some write overlaps its successor... unless a
+  // long one covers several: track the one reaching furthest.
+  for (size_t w = 1, far = 0; w < writes.size(); ++w) {
+    if (writes[w].begin < writes[far].end) {
+      found.found = true;
+      found.out_k = writes[w].k, found.out_t = writes[w].t;
+      found.other_k = writes[far].k, found.in_t = writes[far].t;
+      return found;
+    }
+    if (writes[w].end > writes[far].end) far = w;
+  }
+  // Writes are now disjoint, so an input can overlap several only if it spans them: check the
+  // last write starting at or before the input's start, and the first starting after it.
+  auto check = [&](const void* p, int32_t dtype, int64_t t, int64_t i) {
+    const auto begin = reinterpret_cast<uintptr_t>(p);
+    const uintptr_t end = begin + a.numels[t] * dtype_nbytes(dtype);
+    auto next = std::upper_bound(writes.begin(), writes.end(), begin,
+                                 [](uintptr_t b, const Interval& w) { return b < w.begin; });
+    for (auto w : {next == writes.begin() ? writes.end() : next - 1, next}) {
+      if (w == writes.end() || !(begin < w->end && w->begin < end)) continue;
+      const bool exact = w->t == t && w->begin == begin && w->end == end && w->dtype == dtype;
+      if (exact) continue;
+      found.found = true;
+      found.out_k = w->k, found.out_t = w->t, found.in_t = t, found.in_i = i;
+      return true;
+    }
+    return false;
+  };
+  for (int64_t t = 0; t < T && !writes.empty(); ++t) {
+    if (a.numels[t] == 0) continue;
+    if (a.bases[t] != nullptr && check(a.bases[t], a.base_dtypes[t], t, -1)) return found;
+    for (int64_t i = 0; i < N; ++i) {
+      if (check(a.srcs[t * N + i], a.src_dtypes[t * N + i], t, i)) return found;
+    }
+  }
+  return found;
+}
+
+void merge_cpu(const MergeArgs& a, int num_threads) {
+  validate(a);
+  const int64_t T = a.num_tensors;
+  const int64_t tile = tile_elems(a.num_outputs);
+  std::vector<int64_t> first_tile(T + 1, 0);  // prefix sums of tiles per tensor
+  for (int64_t t = 0; t < T; ++t) first_tile[t + 1] = first_tile[t] + (a.numels[t] + tile - 1) / tile;
+  const int64_t total = first_tile[T];
+  if (total == 0) return;
+
+  const cpu::TileFn run_tile = tile_fn(current_level());
+  const int threads = static_cast<int>(std::clamp<int64_t>(num_threads, 1, total));
+  const int64_t scratch_floats = a.num_outputs * tile;
+  std::unique_ptr<float[]> scratch(new float[scratch_floats * threads]);
+
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(threads)
+#endif
+  {
+#if defined(_OPENMP)
+    float* acc = scratch.get() + scratch_floats * omp_get_thread_num();
+#pragma omp for schedule(static)
+#else
+    float* acc = scratch.get();
+#endif
+    for (int64_t g = 0; g < total; ++g) {
+      const int64_t t = std::upper_bound(first_tile.begin(), first_tile.end(), g) -
+                        first_tile.begin() - 1;
+      const int64_t begin = (g - first_tile[t]) * tile;
+      run_tile(a, t, begin, std::min(tile, a.numels[t] - begin), acc, tile);
+    }
+  }
+}
+
+const char* simd_level() { return kLevelNames[current_level()]; }
+
+const char* simd_levels_available() {
+  static const std::string names = [] {
+    std::string s;
+    for (int level = 0; level <= best_level(); ++level) s += (level ? "," : "") + std::string(kLevelNames[level]);
+    return s;
+  }();
+  return names.c_str();
+}
+
+void set_simd_level(const char* name) {
+  if (std::strcmp(name, "auto") == 0) {
+    g_level.store(-1);
+    return;
+  }
+  for (int level = 0; level < 3; ++level) {
+    if (std::strcmp(name, kLevelNames[level]) != 0) continue;
+    if (level > best_level()) {
+      throw std::invalid_argument(std::string("SIMD level '") + name +
+                                  "' is not supported by this CPU or build; available: " +
+                                  simd_levels_available());
+    }
+    g_level.store(level);
+    return;
+  }
+  throw std::invalid_argument(std::string("unknown SIMD level '") + name +
+                              "'; use auto, scalar, avx2 or avx512");
+}
+
+uint64_t read_probe(const void* p, int64_t nbytes, int num_threads) {
+  const auto* words = static_cast<const uint64_t*>(p);
+  const int64_t n = nbytes / 8;
+  uint64_t sum = 0;
+#if defined(_OPENMP)
+#pragma omp parallel for reduction(+ : sum) num_threads(std::max(num_threads, 1)) schedule(static)
+#endif
+  for (int64_t i = 0; i < n; ++i) sum += words[i];
+  return sum;
+}
+
+}  // namespace lcsc

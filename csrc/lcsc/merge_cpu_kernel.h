@@ -1,0 +1,166 @@
+// The CPU merge algorithm, written once over a vector-ops type V (Scalar, Avx2, Avx512) and
+// compiled in one translation unit per SIMD level.
+//
+// Work is split into tiles of up to `tile` elements of one tensor. For each tile, sources are
+// streamed in groups of eight: eight vectors are loaded and converted to float once, then
+// folded into every output's float32 accumulator row (K rows of `tile` floats, in L1/L2), so
+// each source element is read from memory once however many outputs there are. The base is
+// added and the result rounded to the output dtype when the tile is finished.
+//
+// Each SIMD level defines its V in an anonymous namespace, so Tile<V> and the helpers of
+// elementwise.h get internal linkage and no level's code can leak into another's.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "elementwise.h"
+#include "merge.h"
+
+namespace lcsc::cpu {
+
+// One tile: elements [begin, begin + len) of tensor t for every output, with K * tile floats
+// of scratch.
+using TileFn = void (*)(const MergeArgs&, int64_t t, int64_t begin, int64_t len, float* acc,
+                        int64_t tile);
+TileFn scalar_tile();
+TileFn avx2_tile();    // x86-64 builds only
+TileFn avx512_tile();  // x86-64 builds only
+
+}  // namespace lcsc::cpu
+
+namespace lcsc_cpu_tile {
+
+using lcsc::kBFloat16;
+using lcsc::kFloat16;
+using lcsc::kFloat32;
+using lcsc::MergeArgs;
+
+constexpr int32_t kMixed = -1;  // sources of a group with different dtypes
+constexpr int32_t kNoBase = -1;
+
+template <class V>
+struct Tile {
+  using Reg = typename V::Reg;
+  static constexpr int64_t W = V::kWidth;
+
+  static Reg load_any(const void* p, int64_t i, int32_t dtype) {
+    switch (dtype) {
+      case kFloat16: return V::template load<kFloat16>(p, i);
+      case kBFloat16: return V::template load<kBFloat16>(p, i);
+      default: return V::template load<kFloat32>(p, i);
+    }
+  }
+
+  // acc[k][j] += sum_{u<G} coeffs[k*N + u] * src[u][begin + j], one fma at a time in u order.
+  template <int G, int32_t D>
+  static void accumulate_group(const void* const* src, const int32_t* dtypes,
+                               const float* coeffs, int64_t N, int64_t K, int64_t begin,
+                               int64_t len, float* acc, int64_t tile) {
+    int64_t j = 0;
+    for (; j + W <= len; j += W) {
+      Reg s[G];
+      for (int u = 0; u < G; ++u) {
+        s[u] = D == kMixed ? load_any(src[u], begin + j, dtypes[u])
+                           : V::template load<D>(src[u], begin + j);
+      }
+      for (int64_t k = 0; k < K; ++k) {
+        float* a = acc + k * tile + j;
+        const float* c = coeffs + k * N;
+        Reg r = V::load_acc(a);
+        for (int u = 0; u < G; ++u) r = V::fma(V::broadcast(c[u]), s[u], r);
+        V::store_acc(a, r);
+      }
+    }
+    for (; j < len; ++j) {  // the tail: the same math one element at a time
+      float s[G];
+      for (int u = 0; u < G; ++u) s[u] = lcsc::load_as_float(src[u], begin + j, dtypes[u]);
+      for (int64_t k = 0; k < K; ++k) {
+        float r = acc[k * tile + j];
+        for (int u = 0; u < G; ++u) r = lcsc::accumulate(r, coeffs[k * N + u], s[u]);
+        acc[k * tile + j] = r;
+      }
+    }
+  }
+
+  template <int G>
+  static void group(const void* const* src, const int32_t* dtypes, const float* coeffs,
+                    int64_t N, int64_t K, int64_t begin, int64_t len, float* acc, int64_t tile) {
+    const int32_t d = dtypes[0];
+    bool uniform = true;
+    for (int u = 1; u < G; ++u) uniform = uniform && dtypes[u] == d;
+    if (!uniform) {
+      accumulate_group<G, kMixed>(src, dtypes, coeffs, N, K, begin, len, acc, tile);
+    } else if (d == kBFloat16) {
+      accumulate_group<G, kBFloat16>(src, dtypes, coeffs, N, K, begin, len, acc, tile);
+    } else if (d == kFloat16) {
+      accumulate_group<G, kFloat16>(src, dtypes, coeffs, N, K, begin, len, acc, tile);
+    } else {
+      accumulate_group<G, kFloat32>(src, dtypes, coeffs, N, K, begin, len, acc, tile);
+    }
+  }
+
+  // outs[k][begin + j] = round(base[begin + j] + acc[k][j]); the base is read once per element
+  // before any output is written, so an output may alias the base.
+  template <int32_t OD, int32_t BD>
+  static void finish(const MergeArgs& a, int64_t t, int64_t begin, int64_t len,
+                     const float* acc, int64_t tile) {
+    const int64_t K = a.num_outputs, T = a.num_tensors;
+    const void* base = a.bases[t];
+    int64_t j = 0;
+    for (; j + W <= len; j += W) {
+      Reg b{};
+      if constexpr (BD != kNoBase) b = V::template load<BD>(base, begin + j);
+      for (int64_t k = 0; k < K; ++k) {
+        Reg r = V::load_acc(acc + k * tile + j);
+        if constexpr (BD != kNoBase) r = V::add(r, b);
+        V::template store<OD>(a.outs[k * T + t], begin + j, r);
+      }
+    }
+    for (; j < len; ++j) {
+      float b = 0.f;
+      if constexpr (BD != kNoBase) b = lcsc::load_as_float(base, begin + j, BD);
+      for (int64_t k = 0; k < K; ++k) {
+        float r = acc[k * tile + j];
+        if constexpr (BD != kNoBase) r = r + b;
+        lcsc::store_from_float(a.outs[k * T + t], begin + j, OD, r);
+      }
+    }
+  }
+
+  template <int32_t OD>
+  static void finish_out(const MergeArgs& a, int64_t t, int64_t begin, int64_t len,
+                         const float* acc, int64_t tile) {
+    if (a.bases[t] == nullptr) return finish<OD, kNoBase>(a, t, begin, len, acc, tile);
+    switch (a.base_dtypes[t]) {
+      case kFloat16: return finish<OD, kFloat16>(a, t, begin, len, acc, tile);
+      case kBFloat16: return finish<OD, kBFloat16>(a, t, begin, len, acc, tile);
+      default: return finish<OD, kFloat32>(a, t, begin, len, acc, tile);
+    }
+  }
+
+  // Elements [begin, begin + len) of tensor t, every output; acc is K * tile floats of scratch.
+  static void run(const MergeArgs& a, int64_t t, int64_t begin, int64_t len, float* acc,
+                  int64_t tile) {
+    const int64_t N = a.num_sources, K = a.num_outputs;
+    for (int64_t k = 0; k < K; ++k) std::fill_n(acc + k * tile, len, 0.f);
+    const void* const* src = a.srcs + t * N;
+    const int32_t* dtypes = a.src_dtypes + t * N;
+    int64_t i = 0;
+    for (; i + 8 <= N; i += 8) {
+      group<8>(src + i, dtypes + i, a.coeffs + i, N, K, begin, len, acc, tile);
+    }
+    if (i + 4 <= N) {
+      group<4>(src + i, dtypes + i, a.coeffs + i, N, K, begin, len, acc, tile);
+      i += 4;
+    }
+    for (; i < N; ++i) group<1>(src + i, dtypes + i, a.coeffs + i, N, K, begin, len, acc, tile);
+    switch (a.out_dtypes[t]) {
+      case kFloat16: return finish_out<kFloat16>(a, t, begin, len, acc, tile);
+      case kBFloat16: return finish_out<kBFloat16>(a, t, begin, len, acc, tile);
+      default: return finish_out<kFloat32>(a, t, begin, len, acc, tile);
+    }
+  }
+};
+
+}  // namespace lcsc_cpu_tile

@@ -1,0 +1,23 @@
+// The portable tile: one element at a time. The reference that SIMD levels must match to the
+// bit, the path on CPUs without AVX2, and (auto-vectorised) the path on non-x86 machines.
+#include "merge_cpu_kernel.h"
+
+namespace {
+
+struct Scalar {
+  using Reg = float;
+  static constexpr int64_t kWidth = 1;
+  template <int32_t D>
+  static float load(const void* p, int64_t i) { return lcsc::load_as_float(p, i, D); }
+  template <int32_t D>
+  static void store(void* p, int64_t i, float v) { lcsc::store_from_float(p, i, D, v); }
+  static float load_acc(const float* p) { return *p; }
+  static void store_acc(float* p, float v) { *p = v; }
+  static float broadcast(float c) { return c; }
+  static float fma(float c, float x, float acc) { return lcsc::accumulate(acc, c, x); }
+  static float add(float a, float b) { return a + b; }
+};
+
+}  // namespace
+
+lcsc::cpu::TileFn lcsc::cpu::scalar_tile() { return &lcsc_cpu_tile::Tile<Scalar>::run; }

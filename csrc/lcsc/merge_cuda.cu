@@ -1,0 +1,239 @@
+// CUDA merge: the same op as merge_cpu.cpp, enqueued on the caller's stream.
+//
+// A block handles one tile of 2048 elements of one tensor (256 threads x 8 elements); blocks
+// stride over the tiles of all tensors. Each thread loads 8 elements of every source with one
+// 16-byte load (two for float32) when the tensor's pointers are aligned, folds them into up to
+// eight outputs' float32 accumulators held in registers, and writes each output once. The
+// per-element math is elementwise.h's, shared with the CPU path, so the results agree bitwise.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "elementwise.h"
+#include "merge.h"
+
+namespace lcsc {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kElemsPerThread = 8;
+constexpr int64_t kTileElems = kThreads * kElemsPerThread;
+constexpr int kMaxOutputsPerPass = 8;  // more outputs re-read the sources once per 8
+
+struct DeviceTables {
+  int64_t num_tensors, num_sources, total_tiles;
+  const int64_t* numels;       // [T]
+  const int64_t* first_tile;   // [T + 1]
+  const uint8_t* vector_ok;    // [T]: every pointer of the tensor is 16-byte aligned
+  void* const* outs;           // [K, T]
+  const int32_t* out_dtypes;   // [T]
+  const void* const* bases;    // [T]
+  const int32_t* base_dtypes;  // [T]
+  const void* const* srcs;     // [T, N]
+  const int32_t* src_dtypes;   // [T, N]
+  const float* coeffs;         // [K, N]
+};
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("lcsc_fast CUDA merge: ") + what + " failed: " +
+                             cudaGetErrorString(err));
+  }
+}
+
+__device__ __forceinline__ void unpack_halves(uint32_t word, int32_t dtype, float* x) {
+  const uint16_t lo = uint16_t(word & 0xffffu), hi = uint16_t(word >> 16);
+  x[0] = dtype == kFloat16 ? half_to_float(lo) : bf16_to_float(lo);
+  x[1] = dtype == kFloat16 ? half_to_float(hi) : bf16_to_float(hi);
+}
+
+// x[q] = element e + q of p as float, q < 8; vec means 8 elements from a 16-byte-aligned p.
+__device__ __forceinline__ void load8(const void* p, int64_t e, int32_t dtype, bool vec,
+                                      int count, float* x) {
+  if (vec && dtype == kFloat32) {
+    const float4* v = reinterpret_cast<const float4*>(static_cast<const float*>(p) + e);
+    const float4 a = __ldg(v), b = __ldg(v + 1);
+    x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w;
+    x[4] = b.x; x[5] = b.y; x[6] = b.z; x[7] = b.w;
+  } else if (vec) {
+    const uint4 r = __ldg(reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(p) + e));
+    unpack_halves(r.x, dtype, x);
+    unpack_halves(r.y, dtype, x + 2);
+    unpack_halves(r.z, dtype, x + 4);
+    unpack_halves(r.w, dtype, x + 6);
+  } else {
+    for (int q = 0; q < kElemsPerThread; ++q) x[q] = q < count ? load_as_float(p, e + q, dtype) : 0.f;
+  }
+}
+
+__device__ __forceinline__ uint32_t pack_halves(float a, float b, int32_t dtype) {
+  const uint16_t lo = dtype == kFloat16 ? float_to_half(a) : float_to_bf16(a);
+  const uint16_t hi = dtype == kFloat16 ? float_to_half(b) : float_to_bf16(b);
+  return uint32_t(lo) | (uint32_t(hi) << 16);
+}
+
+__device__ __forceinline__ void store8(void* p, int64_t e, int32_t dtype, bool vec, int count,
+                                       const float* x) {
+  if (vec && dtype == kFloat32) {
+    float4* v = reinterpret_cast<float4*>(static_cast<float*>(p) + e);
+    v[0] = make_float4(x[0], x[1], x[2], x[3]);
+    v[1] = make_float4(x[4], x[5], x[6], x[7]);
+  } else if (vec) {
+    *reinterpret_cast<uint4*>(static_cast<uint16_t*>(p) + e) =
+        make_uint4(pack_halves(x[0], x[1], dtype), pack_halves(x[2], x[3], dtype),
+                   pack_halves(x[4], x[5], dtype), pack_halves(x[6], x[7], dtype));
+  } else {
+    for (int q = 0; q < count; ++q) store_from_float(p, e + q, dtype, x[q]);
+  }
+}
+
+// Outputs k0 .. k0 + kc - 1 (kc <= KB) of every tensor.
+template <int KB>
+__global__ void __launch_bounds__(kThreads) merge_kernel(DeviceTables d, int64_t k0, int kc) {
+  const int64_t N = d.num_sources, T = d.num_tensors;
+  for (int64_t g = blockIdx.x; g < d.total_tiles; g += gridDim.x) {
+    int64_t lo = 0, hi = T;  // the tensor t with first_tile[t] <= g < first_tile[t + 1]
+    while (hi - lo > 1) {
+      const int64_t mid = (lo + hi) / 2;
+      if (d.first_tile[mid] <= g) lo = mid; else hi = mid;
+    }
+    const int64_t t = lo;
+    const int64_t e = (g - d.first_tile[t]) * kTileElems + int64_t(threadIdx.x) * kElemsPerThread;
+    const int64_t numel = d.numels[t];
+    if (e >= numel) continue;
+    const int count = int(min(int64_t(kElemsPerThread), numel - e));
+    const bool vec = d.vector_ok[t] && count == kElemsPerThread;
+
+    float acc[KB][kElemsPerThread];
+#pragma unroll
+    for (int k = 0; k < KB; ++k)
+#pragma unroll
+      for (int q = 0; q < kElemsPerThread; ++q) acc[k][q] = 0.f;
+
+    const void* const* srcs = d.srcs + t * N;
+    const int32_t* src_dtypes = d.src_dtypes + t * N;
+#pragma unroll 4
+    for (int64_t i = 0; i < N; ++i) {
+      float x[kElemsPerThread];
+      load8(srcs[i], e, src_dtypes[i], vec, count, x);
+#pragma unroll
+      for (int k = 0; k < KB; ++k) {
+        if (k >= kc) break;
+        const float c = __ldg(d.coeffs + (k0 + k) * N + i);
+#pragma unroll
+        for (int q = 0; q < kElemsPerThread; ++q) acc[k][q] = accumulate(acc[k][q], c, x[q]);
+      }
+    }
+
+    const void* base = d.bases[t];
+    float b[kElemsPerThread];
+    if (base != nullptr) load8(base, e, d.base_dtypes[t], vec, count, b);
+#pragma unroll
+    for (int k = 0; k < KB; ++k) {
+      if (k >= kc) break;
+      if (base != nullptr) {
+#pragma unroll
+        for (int q = 0; q < kElemsPerThread; ++q) acc[k][q] = acc[k][q] + b[q];
+      }
+      store8(d.outs[(k0 + k) * T + t], e, d.out_dtypes[t], vec, count, acc[k]);
+    }
+  }
+}
+
+// Host tables packed into one buffer so that one copy moves them to the device.
+class Blob {
+ public:
+  template <class T>
+  size_t append(const T* data, size_t count) {
+    const size_t offset = (bytes_.size() + 15) / 16 * 16;
+    bytes_.resize(offset + count * sizeof(T));
+    if (count) std::memcpy(bytes_.data() + offset, data, count * sizeof(T));
+    return offset;
+  }
+  const std::vector<char>& bytes() const { return bytes_; }
+
+ private:
+  std::vector<char> bytes_;
+};
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+}  // namespace
+
+bool cuda_compiled() { return true; }
+
+int cuda_device_count() {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    cudaGetLastError();  // no driver or no device: not an error here, just none
+    return 0;
+  }
+  return count;
+}
+
+void merge_cuda(const MergeArgs& a, int device, uintptr_t stream_handle) {
+  validate(a);
+  const int64_t T = a.num_tensors, N = a.num_sources, K = a.num_outputs;
+  std::vector<int64_t> first_tile(T + 1, 0);
+  std::vector<uint8_t> vector_ok(T, 1);
+  for (int64_t t = 0; t < T; ++t) {
+    first_tile[t + 1] = first_tile[t] + (a.numels[t] + kTileElems - 1) / kTileElems;
+    bool ok = a.bases[t] == nullptr || aligned16(a.bases[t]);
+    for (int64_t k = 0; k < K; ++k) ok = ok && aligned16(a.outs[k * T + t]);
+    for (int64_t i = 0; i < N; ++i) ok = ok && aligned16(a.srcs[t * N + i]);
+    vector_ok[t] = ok;
+  }
+  const int64_t total_tiles = first_tile[T];
+  if (total_tiles == 0) return;
+
+  Blob blob;
+  const size_t o_numels = blob.append(a.numels, T);
+  const size_t o_first = blob.append(first_tile.data(), T + 1);
+  const size_t o_vec = blob.append(vector_ok.data(), T);
+  const size_t o_outs = blob.append(a.outs, K * T);
+  const size_t o_out_dt = blob.append(a.out_dtypes, T);
+  const size_t o_bases = blob.append(a.bases, T);
+  const size_t o_base_dt = blob.append(a.base_dtypes, T);
+  const size_t o_srcs = blob.append(a.srcs, T * N);
+  const size_t o_src_dt = blob.append(a.src_dtypes, T * N);
+  const size_t o_coeffs = blob.append(a.coeffs, K * N);
+
+  check(cudaSetDevice(device), "cudaSetDevice");
+  auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  int sm_count = 0;
+  check(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device),
+        "cudaDeviceGetAttribute");
+  char* dev = nullptr;
+  check(cudaMallocAsync(reinterpret_cast<void**>(&dev), blob.bytes().size(), stream),
+        "cudaMallocAsync");
+  // From pageable memory: returns once the bytes are staged, so the blob may go out of scope.
+  check(cudaMemcpyAsync(dev, blob.bytes().data(), blob.bytes().size(), cudaMemcpyHostToDevice,
+                        stream), "cudaMemcpyAsync");
+  DeviceTables d{T, N, total_tiles,
+                 reinterpret_cast<const int64_t*>(dev + o_numels),
+                 reinterpret_cast<const int64_t*>(dev + o_first),
+                 reinterpret_cast<const uint8_t*>(dev + o_vec),
+                 reinterpret_cast<void* const*>(dev + o_outs),
+                 reinterpret_cast<const int32_t*>(dev + o_out_dt),
+                 reinterpret_cast<const void* const*>(dev + o_bases),
+                 reinterpret_cast<const int32_t*>(dev + o_base_dt),
+                 reinterpret_cast<const void* const*>(dev + o_srcs),
+                 reinterpret_cast<const int32_t*>(dev + o_src_dt),
+                 reinterpret_cast<const float*>(dev + o_coeffs)};
+  const unsigned grid = unsigned(std::min<int64_t>(total_tiles, int64_t(sm_count) * 8));
+  for (int64_t k0 = 0; k0 < K; k0 += kMaxOutputsPerPass) {
+    const int kc = int(std::min<int64_t>(kMaxOutputsPerPass, K - k0));
+    if (kc == 1) merge_kernel<1><<<grid, kThreads, 0, stream>>>(d, k0, kc);
+    else if (kc == 2) merge_kernel<2><<<grid, kThreads, 0, stream>>>(d, k0, kc);
+    else if (kc <= 4) merge_kernel<4><<<grid, kThreads, 0, stream>>>(d, k0, kc);
+    else merge_kernel<8><<<grid, kThreads, 0, stream>>>(d, k0, kc);
+    check(cudaGetLastError(), "kernel launch");
+  }
+  check(cudaFreeAsync(dev, stream), "cudaFreeAsync");
+}
+
+}  // namespace lcsc

@@ -1,0 +1,11 @@
+"""lcsc_fast: fast Linear Combination of Saved Checkpoints (LCSC) for diffusion and consistency models.
+
+The engine merges sum_i w_i theta_i over hundreds of checkpoints in one fused native pass,
+straight into a model's parameter buffers.
+"""
+
+__version__ = "0.1.0"
+
+from .engine import build_info, merge_into, weighted_sum, weighted_sum_batched
+
+__all__ = ["__version__", "build_info", "merge_into", "weighted_sum", "weighted_sum_batched"]

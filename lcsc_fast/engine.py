@@ -1,0 +1,358 @@
+"""Fused weighted sums of tensors: validation in Python, one native pass per call.
+
+Every op here becomes a *plan*: flat tables of pointers, element counts and dtype codes for
+T tensors x N sources x K outputs, handed to lcsc_fast._C, which reads every source element once,
+accumulates in float32 in a fixed order (source 0, 1, ..., N-1, then the base) and writes every
+output element once. All validation happens before the native call, so a bad input raises and
+leaves every output untouched.
+"""
+
+from __future__ import annotations
+
+import math
+from array import array
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from . import _C
+
+__all__ = ["weighted_sum", "weighted_sum_batched", "merge_into", "build_info"]
+
+# Must match lcsc::DType in csrc/lcsc/elementwise.h.
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@dataclass
+class _Plan:
+    """Native-call tables for T tensors, N sources, K outputs (row-major, as named)."""
+
+    device: torch.device
+    num_sources: int
+    num_outputs: int
+    num_checkpoints: int = 0  # merge_into: sources past these are the base
+    names: list = field(default_factory=list)  # [T] state-dict names, for error messages
+    numels: array = field(default_factory=lambda: array("q"))  # [T]
+    outs: array = field(default_factory=lambda: array("Q"))  # [K, T] after finish()
+    out_dtypes: array = field(default_factory=lambda: array("i"))  # [T]
+    bases: array = field(default_factory=lambda: array("Q"))  # [T], 0 = no base
+    base_dtypes: array = field(default_factory=lambda: array("i"))  # [T]
+    srcs: array = field(default_factory=lambda: array("Q"))  # [T, N]
+    src_dtypes: array = field(default_factory=lambda: array("i"))  # [T, N]
+    _outs_by_tensor: list = field(default_factory=list)  # [T][K] pointers, before finish()
+
+    def add(self, name: str, outs, sources, base) -> None:
+        """Append one tensor's job: K outputs, N sources, an optional base (all validated)."""
+        self.names.append(name)
+        self.numels.append(outs[0].numel())
+        self.out_dtypes.append(_DTYPE_CODES[outs[0].dtype])
+        self._outs_by_tensor.append([o.data_ptr() for o in outs])
+        self.bases.append(0 if base is None else base.data_ptr())
+        self.base_dtypes.append(0 if base is None else _DTYPE_CODES[base.dtype])
+        self.srcs.extend(s.data_ptr() for s in sources)
+        self.src_dtypes.extend(_DTYPE_CODES[s.dtype] for s in sources)
+
+    def _tables(self, coeffs: array) -> tuple:
+        return (self.numels, self.outs, self.out_dtypes, self.bases, self.base_dtypes,
+                self.srcs, self.src_dtypes, coeffs, self.num_sources, self.num_outputs)
+
+    def finish(self) -> None:
+        """Lay out outs as [K, T], then check that outputs overlap nothing but themselves."""
+        for k in range(self.num_outputs):
+            self.outs.extend(ptrs[k] for ptrs in self._outs_by_tensor)
+        zeros = array("f", bytes(4 * self.num_outputs * self.num_sources))
+        overlap = _C.find_overlap(*self._tables(zeros))
+        if overlap is not None:
+            raise ValueError(self._describe_overlap(*overlap))
+
+    def _describe_overlap(self, out_k, out_t, other_k, in_t, in_i) -> str:
+        out = self._output_name(out_k, out_t)
+        if other_k >= 0:
+            return (f"{out} and {self._output_name(other_k, in_t)} share memory; every output "
+                    "needs its own storage")
+        return (f"{out} overlaps {self._input_name(in_t, in_i)} in memory without being the same "
+                "buffer; an output may alias one of its own inputs only exactly (same storage, "
+                "size and dtype)")
+
+    # Plans of weighted_sum* have one unnamed tensor; merge_into's are named state-dict entries.
+    def _output_name(self, k: int, t: int) -> str:
+        if self.names[t]:
+            return f"target[{self.names[t]!r}]"
+        return f"outs[{k}]" if self.num_outputs > 1 else "out"
+
+    def _input_name(self, t: int, i: int) -> str:
+        name = self.names[t]
+        if not name:
+            return "base" if i < 0 else f"sources[{i}]"
+        if i < 0 or i >= self.num_checkpoints:
+            return f"base[{name!r}]"
+        return f"checkpoints[{i}][{name!r}]"
+
+    def run(self, coeffs: list[list[float]]) -> None:
+        """Execute with coeffs [K][N] (validated) on the plan's device."""
+        tables = self._tables(array("f", (c for row in coeffs for c in row)))
+        if self.device.type == "cpu":
+            _C.merge_cpu(*tables, torch.get_num_threads())
+            return
+        if not _C.cuda_compiled():
+            raise RuntimeError(
+                "lcsc_fast was built without CUDA, so it cannot merge CUDA tensors. Reinstall "
+                "on a machine with nvcc on PATH (pip install --force-reinstall --no-cache-dir .); "
+                "the build log says 'lcsc_fast: CUDA kernels enabled' when it finds it.")
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        stream = torch.cuda.current_stream(index).cuda_stream
+        _C.merge_cuda(*tables, index, stream)
+
+
+# ---------------------------------------------------------------- validation helpers
+
+def _check_tensor(t, what: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{what}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _DTYPE_CODES:
+        raise TypeError(f"{what}: dtype {t.dtype} is not supported; use float32, float16 or "
+                        "bfloat16")
+    if not t.is_contiguous():
+        raise ValueError(f"{what}: tensor is not contiguous; pass t.contiguous()")
+    if t.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{what}: device {t.device} is not supported; use cpu or cuda")
+    return t
+
+
+def _is_like(t, ref: torch.Tensor) -> bool:
+    """The common case in one expression: a supported contiguous tensor shaped like ref."""
+    return (isinstance(t, torch.Tensor) and t.dtype in _DTYPE_CODES and t.shape == ref.shape
+            and t.is_contiguous() and t.device == ref.device)
+
+
+def _check_like(t: torch.Tensor, ref: torch.Tensor, what: str, ref_what: str) -> None:
+    if t.shape != ref.shape:
+        raise ValueError(f"{what}: shape {tuple(t.shape)} differs from {ref_what}'s "
+                         f"{tuple(ref.shape)}")
+    if t.device != ref.device:
+        raise ValueError(f"{what}: on {t.device} but {ref_what} is on {ref.device}; all tensors "
+                         "of one merge must be on one device")
+
+
+def _coeff_rows(coeffs, num_rows: int | None, num_sources: int) -> list[list[float]]:
+    """coeffs as [K][N] Python floats: a vector (num_rows None) or a K x N matrix; all finite."""
+    if isinstance(coeffs, torch.Tensor):
+        coeffs = coeffs.detach().cpu().tolist()
+    elif hasattr(coeffs, "tolist"):  # numpy arrays
+        coeffs = coeffs.tolist()
+    rows = [coeffs] if num_rows is None else list(coeffs)
+    if num_rows is not None and len(rows) != num_rows:
+        raise ValueError(f"coeffs: {len(rows)} rows for {num_rows} outputs; coeffs must be "
+                         "K x N with one row per output")
+    out = []
+    for k, row in enumerate(rows):
+        where = "coeffs" if num_rows is None else f"coeffs row {k}"
+        try:
+            row = [float(c) for c in row]
+        except TypeError as e:
+            raise TypeError(f"{where}: expected a sequence of numbers ({e})") from None
+        if len(row) != num_sources:
+            raise ValueError(f"{where}: {len(row)} coefficients for {num_sources} sources")
+        for i, c in enumerate(row):
+            if not math.isfinite(c):
+                raise ValueError(f"{where}[{i}] is {c}; coefficients must be finite")
+        out.append(row)
+    return out
+
+
+def _check_sources(sources, ref: torch.Tensor, ref_what: str) -> list[torch.Tensor]:
+    if isinstance(sources, torch.Tensor) or not isinstance(sources, Sequence):
+        raise TypeError("sources: expected a sequence of tensors (a list or tuple)")
+    if len(sources) == 0:
+        raise ValueError("sources: at least one source tensor is needed")
+    for i, s in enumerate(sources):
+        if not _is_like(s, ref):  # the slow path names what is wrong
+            _check_tensor(s, f"sources[{i}]")
+            _check_like(s, ref, f"sources[{i}]", ref_what)
+    return list(sources)
+
+
+# ---------------------------------------------------------------- public ops
+
+def weighted_sum(out: torch.Tensor, sources: Sequence[torch.Tensor], coeffs,
+                 base: torch.Tensor | None = None) -> torch.Tensor:
+    """out = base + sum_i coeffs[i] * sources[i], fused, in place; returns out.
+
+    sources: N tensors shaped like out, float32/float16/bfloat16 (mixed allowed), on out's
+    device. base is optional (zero when absent) and may be out itself. Accumulates in float32 in
+    source order, so results are bitwise reproducible for any thread count.
+    """
+    _check_tensor(out, "out")
+    sources = _check_sources(sources, out, "out")
+    rows = _coeff_rows(coeffs, None, len(sources))
+    if base is not None:
+        _check_tensor(base, "base")
+        _check_like(base, out, "base", "out")
+    plan = _Plan(out.device, len(sources), 1)
+    plan.add("", [out], sources, base)
+    plan.finish()
+    plan.run(rows)
+    return out
+
+
+def weighted_sum_batched(outs: Sequence[torch.Tensor], sources: Sequence[torch.Tensor], coeffs,
+                         base: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """outs[k] = base + sum_i coeffs[k][i] * sources[i] for K outputs in one pass over sources.
+
+    coeffs is K x N. Each source element is read once for all K outputs (not K times), which
+    is what makes evaluating a population of candidate coefficient vectors cheap.
+    """
+    if isinstance(outs, torch.Tensor) or not isinstance(outs, Sequence) or len(outs) == 0:
+        raise TypeError("outs: expected a non-empty sequence of tensors (a list or tuple)")
+    for k, o in enumerate(outs):
+        _check_tensor(o, f"outs[{k}]")
+        _check_like(o, outs[0], f"outs[{k}]", "outs[0]")
+        if o.dtype != outs[0].dtype:
+            raise TypeError(f"outs[{k}]: dtype {o.dtype} differs from outs[0]'s {outs[0].dtype}; "
+                            "all outputs of one batch share a dtype")
+    sources = _check_sources(sources, outs[0], "outs[0]")
+    rows = _coeff_rows(coeffs, len(outs), len(sources))
+    if base is not None:
+        _check_tensor(base, "base")
+        _check_like(base, outs[0], "base", "outs[0]")
+    plan = _Plan(outs[0].device, len(sources), len(outs))
+    plan.add("", list(outs), sources, base)
+    plan.finish()
+    plan.run(rows)
+    return list(outs)
+
+
+def _target_tensors(target) -> dict[str, torch.Tensor]:
+    if isinstance(target, torch.nn.Module):
+        # keep_vars: the module's own Parameter and buffer objects, not detached copies.
+        return dict(target.state_dict(keep_vars=True))
+    if isinstance(target, Mapping):
+        for name, t in target.items():
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"target[{name!r}]: expected a torch.Tensor, got "
+                                f"{type(t).__name__}")
+        return dict(target)
+    raise TypeError(f"target: expected an nn.Module or a dict of tensors, got "
+                    f"{type(target).__name__}")
+
+
+def _check_names(names: set[str], state: Mapping, what: str) -> None:
+    if not isinstance(state, Mapping):
+        raise TypeError(f"{what}: expected a dict of tensors, got {type(state).__name__}")
+    missing = sorted(names - state.keys())
+    extra = sorted(state.keys() - names)
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {_few(missing)}")
+        if extra:
+            parts.append(f"unexpected {_few(extra)}")
+        raise ValueError(f"{what} does not match the target's tensors: {'; '.join(parts)}")
+
+
+def _few(names: list[str]) -> str:
+    shown = ", ".join(repr(n) for n in names[:5])
+    return shown + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def merge_into(target, checkpoints: Sequence[Mapping[str, torch.Tensor]], coeffs,
+               base: int | Mapping[str, torch.Tensor] | None = None):
+    """Write the merged checkpoint into target's existing storage; returns target.
+
+    target: an nn.Module (parameters and buffers, by state_dict name) or a dict name -> tensor.
+    checkpoints: N state dicts with exactly target's names. Every floating-point tensor becomes
+    sum_i coeffs[i] * theta_i, or theta_base + sum_i coeffs[i] * (theta_i - theta_base) when base
+    (an index into checkpoints, or a state dict) is given; integer tensors (BatchNorm's
+    num_batches_tracked) are copied from the last checkpoint. Storage is written in place:
+    data_ptr() is unchanged. Nothing is written unless every input is valid.
+    """
+    tensors = _target_tensors(target)
+    if isinstance(checkpoints, Mapping) or not isinstance(checkpoints, Sequence):
+        raise TypeError("checkpoints: expected a sequence of state dicts (a list or tuple)")
+    if len(checkpoints) == 0:
+        raise ValueError("checkpoints: at least one checkpoint is needed")
+    names = set(tensors)
+    for i, ck in enumerate(checkpoints):
+        _check_names(names, ck, f"checkpoints[{i}]")
+    (row,) = _coeff_rows(coeffs, None, len(checkpoints))
+
+    base_state = None
+    if base is not None:
+        if isinstance(base, bool) or not isinstance(base, (int, Mapping)):
+            raise TypeError("base: expected a checkpoint index or a state dict")
+        if isinstance(base, int):
+            if not -len(checkpoints) <= base < len(checkpoints):
+                raise ValueError(f"base: index {base} is out of range for {len(checkpoints)} "
+                                 "checkpoints")
+            base %= len(checkpoints)
+            base_state = checkpoints[base]
+        else:
+            _check_names(names, base, "base")
+            base_state = base
+
+    plan = None
+    copies = []  # (target tensor, source tensor) for non-floating tensors
+    seen_ptrs = {}
+    for name in sorted(tensors):
+        t = tensors[name]
+        if not t.is_floating_point():
+            src = checkpoints[-1][name]
+            if src.shape != t.shape or src.dtype != t.dtype:
+                raise ValueError(f"checkpoints[-1][{name!r}]: {src.dtype} {tuple(src.shape)} "
+                                 f"does not match the target's {t.dtype} {tuple(t.shape)}")
+            copies.append((t, src))
+            continue
+        _check_tensor(t, f"target[{name!r}]")
+        key = (t.data_ptr(), t.numel(), t.dtype)
+        if t.numel() and key in seen_ptrs:  # a tied weight: one storage, merged once
+            srcs_named = [ck[name] for ck in checkpoints]
+            _check_sources(srcs_named, t, f"target[{name!r}]")
+            continue
+        seen_ptrs[key] = name
+        sources = [ck[name] for ck in checkpoints]
+        for i, s in enumerate(sources):
+            if not _is_like(s, t):
+                _check_tensor(s, f"checkpoints[{i}][{name!r}]")
+                _check_like(s, t, f"checkpoints[{i}][{name!r}]", f"target[{name!r}]")
+        b = None
+        if base_state is not None:
+            b = base_state[name]
+            _check_tensor(b, f"base[{name!r}]")
+            _check_like(b, t, f"base[{name!r}]", f"target[{name!r}]")
+            if not isinstance(base, int):
+                sources.append(b)  # the -sum(w) * theta_base term
+        if plan is None:
+            plan = _Plan(t.device, len(sources), 1, num_checkpoints=len(checkpoints))
+        elif t.device != plan.device:
+            raise ValueError(f"target[{name!r}] is on {t.device} but other target tensors are on "
+                             f"{plan.device}; merge_into needs one device")
+        plan.add(name, [t], sources, b)
+
+    # theta_b + sum_i w_i (theta_i - theta_b) = theta_b + sum_i w_i theta_i - (sum_i w_i) theta_b:
+    # the base enters once as the engine's base and once as a source weighted -sum(w).
+    if base_state is not None:
+        total = math.fsum(row)
+        if isinstance(base, int):
+            row = list(row)
+            row[base] -= total
+        else:
+            row = list(row) + [-total]
+    if plan is not None:
+        plan.finish()
+        plan.run([row])
+    for t, src in copies:
+        with torch.no_grad():
+            t.copy_(src)
+    return target
+
+
+def build_info() -> dict:
+    """What this build of the engine can do: version, CUDA, OpenMP, SIMD level in use."""
+    from . import __version__
+
+    info = dict(_C.build_info())
+    info["version"] = __version__
+    info["cuda_available"] = bool(_C.cuda_compiled() and _C.cuda_device_count() > 0)
+    return info
