@@ -13,6 +13,7 @@ using lcsc::kFloat32;
 struct Avx2 {
   using Reg = __m256;
   static constexpr int64_t kWidth = 8;
+  static constexpr bool kPairs = false;
 
   template <int32_t D>
   static __m256 load(const void* p, int64_t i) {

@@ -13,6 +13,7 @@ using lcsc::kFloat32;
 struct Avx512 {
   using Reg = __m512;
   static constexpr int64_t kWidth = 16;
+  static constexpr bool kPairs = true;  // two vectors per step (needs 2G+3 registers)
 
   template <int32_t D>
   static __m512 load(const void* p, int64_t i) {

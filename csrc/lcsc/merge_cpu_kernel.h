@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <tuple>
 
 #include "elementwise.h"
 #include "merge.h"
@@ -53,17 +54,50 @@ struct Tile {
   }
 
   // acc[k][j] += sum_{u<G} coeffs[k*N + u] * src[u][begin + j], one fma at a time in u order.
+  // While it runs, the same elements of the next group's sources (next[0..num_next)) are
+  // prefetched: a tile's stretch of one source is only a few KiB, too short for the hardware
+  // prefetcher to ramp up on its own.
   template <int G, int32_t D>
   static void accumulate_group(const void* const* src, const int32_t* dtypes,
                                const float* coeffs, int64_t N, int64_t K, int64_t begin,
-                               int64_t len, float* acc, int64_t tile) {
-    int64_t j = 0;
-    for (; j + W <= len; j += W) {
-      Reg s[G];
-      for (int u = 0; u < G; ++u) {
-        s[u] = D == kMixed ? load_any(src[u], begin + j, dtypes[u])
-                           : V::template load<D>(src[u], begin + j);
+                               int64_t len, float* acc, int64_t tile, const void* const* next,
+                               const int32_t* next_dtypes, int num_next) {
+    auto prefetch_next = [&](int64_t j) {
+      for (int u = 0; u < num_next; ++u) {
+        __builtin_prefetch(static_cast<const char*>(next[u]) +
+                           (begin + j) * lcsc::dtype_nbytes(next_dtypes[u]));
       }
+    };
+    auto load = [&](int u, int64_t j) {
+      return D == kMixed ? load_any(src[u], begin + j, dtypes[u])
+                         : V::template load<D>(src[u], begin + j);
+    };
+    int64_t j = 0;
+    // Two vectors at a time where registers allow (V::kPairs): each broadcast coefficient then
+    // feeds two fmas, halving the loads that compete with the sources for the load ports.
+    if constexpr (V::kPairs) {
+      for (; j + 2 * W <= len; j += 2 * W) {
+        prefetch_next(j);
+        Reg s0[G], s1[G];
+        for (int u = 0; u < G; ++u) s0[u] = load(u, j), s1[u] = load(u, j + W);
+        for (int64_t k = 0; k < K; ++k) {
+          float* a = acc + k * tile + j;
+          const float* c = coeffs + k * N;
+          Reg r0 = V::load_acc(a), r1 = V::load_acc(a + W);
+          for (int u = 0; u < G; ++u) {
+            const Reg cu = V::broadcast(c[u]);
+            r0 = V::fma(cu, s0[u], r0);
+            r1 = V::fma(cu, s1[u], r1);
+          }
+          V::store_acc(a, r0);
+          V::store_acc(a + W, r1);
+        }
+      }
+    }
+    for (; j + W <= len; j += W) {
+      prefetch_next(j);
+      Reg s[G];
+      for (int u = 0; u < G; ++u) s[u] = load(u, j);
       for (int64_t k = 0; k < K; ++k) {
         float* a = acc + k * tile + j;
         const float* c = coeffs + k * N;
@@ -85,18 +119,18 @@ struct Tile {
 
   template <int G>
   static void group(const void* const* src, const int32_t* dtypes, const float* coeffs,
-                    int64_t N, int64_t K, int64_t begin, int64_t len, float* acc, int64_t tile) {
+                    int64_t N, int64_t K, int64_t begin, int64_t len, float* acc, int64_t tile,
+                    int num_next) {
     const int32_t d = dtypes[0];
     bool uniform = true;
     for (int u = 1; u < G; ++u) uniform = uniform && dtypes[u] == d;
-    if (!uniform) {
-      accumulate_group<G, kMixed>(src, dtypes, coeffs, N, K, begin, len, acc, tile);
-    } else if (d == kBFloat16) {
-      accumulate_group<G, kBFloat16>(src, dtypes, coeffs, N, K, begin, len, acc, tile);
-    } else if (d == kFloat16) {
-      accumulate_group<G, kFloat16>(src, dtypes, coeffs, N, K, begin, len, acc, tile);
-    } else {
-      accumulate_group<G, kFloat32>(src, dtypes, coeffs, N, K, begin, len, acc, tile);
+    const auto args = std::make_tuple(src, dtypes, coeffs, N, K, begin, len, acc, tile,
+                                      src + G, dtypes + G, num_next);
+    if (!uniform) return std::apply(accumulate_group<G, kMixed>, args);
+    switch (d) {
+      case kBFloat16: return std::apply(accumulate_group<G, kBFloat16>, args);
+      case kFloat16: return std::apply(accumulate_group<G, kFloat16>, args);
+      default: return std::apply(accumulate_group<G, kFloat32>, args);
     }
   }
 
@@ -147,14 +181,17 @@ struct Tile {
     const void* const* src = a.srcs + t * N;
     const int32_t* dtypes = a.src_dtypes + t * N;
     int64_t i = 0;
+    auto next_count = [N](int64_t after) { return int(std::min<int64_t>(8, N - after)); };
     for (; i + 8 <= N; i += 8) {
-      group<8>(src + i, dtypes + i, a.coeffs + i, N, K, begin, len, acc, tile);
+      group<8>(src + i, dtypes + i, a.coeffs + i, N, K, begin, len, acc, tile, next_count(i + 8));
     }
     if (i + 4 <= N) {
-      group<4>(src + i, dtypes + i, a.coeffs + i, N, K, begin, len, acc, tile);
+      group<4>(src + i, dtypes + i, a.coeffs + i, N, K, begin, len, acc, tile, next_count(i + 4));
       i += 4;
     }
-    for (; i < N; ++i) group<1>(src + i, dtypes + i, a.coeffs + i, N, K, begin, len, acc, tile);
+    for (; i < N; ++i) {
+      group<1>(src + i, dtypes + i, a.coeffs + i, N, K, begin, len, acc, tile, next_count(i + 1));
+    }
     switch (a.out_dtypes[t]) {
       case kFloat16: return finish_out<kFloat16>(a, t, begin, len, acc, tile);
       case kBFloat16: return finish_out<kBFloat16>(a, t, begin, len, acc, tile);

@@ -7,6 +7,7 @@ namespace {
 struct Scalar {
   using Reg = float;
   static constexpr int64_t kWidth = 1;
+  static constexpr bool kPairs = false;
   template <int32_t D>
   static float load(const void* p, int64_t i) { return lcsc::load_as_float(p, i, D); }
   template <int32_t D>

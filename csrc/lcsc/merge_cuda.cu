@@ -189,6 +189,22 @@ void merge_cuda(const MergeArgs& a, int device, uintptr_t stream_handle) {
   }
   const int64_t total_tiles = first_tile[T];
   if (total_tiles == 0) return;
+  if (K > kMaxOutputsPerPass) {
+    // Outputs past the first pass re-read the inputs, so none may alias an output.
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t k = 0; k < K; ++k) {
+        const void* out = a.outs[k * T + t];
+        bool aliased = out == a.bases[t];
+        for (int64_t i = 0; i < N; ++i) aliased = aliased || out == a.srcs[t * N + i];
+        if (aliased && a.numels[t] > 0) {
+          throw std::invalid_argument(
+              "on CUDA, a batch of more than 8 outputs cannot write into one of its inputs "
+              "(output " + std::to_string(k) + " of tensor " + std::to_string(t) +
+              "); use separate output tensors");
+        }
+      }
+    }
+  }
 
   Blob blob;
   const size_t o_numels = blob.append(a.numels, T);
