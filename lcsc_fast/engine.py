@@ -127,6 +127,17 @@ def _is_like(t, ref: torch.Tensor) -> bool:
             and t.is_contiguous() and t.device == ref.device)
 
 
+def _check_copy_source(s, t: torch.Tensor, what: str, target_what: str) -> None:
+    """An integer entry (num_batches_tracked) is copied as it is: same dtype and shape."""
+    if not isinstance(s, torch.Tensor):
+        raise TypeError(f"{what}: expected a torch.Tensor, got {type(s).__name__}")
+    if s.dtype != t.dtype:
+        raise TypeError(f"{what}: dtype {s.dtype} differs from {target_what}'s {t.dtype}")
+    if s.shape != t.shape:
+        raise ValueError(f"{what}: shape {tuple(s.shape)} differs from {target_what}'s "
+                         f"{tuple(t.shape)}")
+
+
 def _check_like(t: torch.Tensor, ref: torch.Tensor, what: str, ref_what: str) -> None:
     if t.shape != ref.shape:
         raise ValueError(f"{what}: shape {tuple(t.shape)} differs from {ref_what}'s "
@@ -155,11 +166,18 @@ def _coeff_rows(coeffs, num_rows: int | None, num_sources: int) -> list[list[flo
             raise TypeError(f"{where}: expected a sequence of numbers ({e})") from None
         if len(row) != num_sources:
             raise ValueError(f"{where}: {len(row)} coefficients for {num_sources} sources")
-        for i, c in enumerate(row):
-            if not math.isfinite(c):
-                raise ValueError(f"{where}[{i}] is {c}; coefficients must be finite")
+        _check_float32_finite(row, where)
         out.append(row)
     return out
+
+
+def _check_float32_finite(row: list[float], where: str) -> None:
+    """The engine multiplies in float32: a coefficient must be finite there, not just here."""
+    for i, (c, c32) in enumerate(zip(row, array("f", row))):
+        if not math.isfinite(c32):
+            problem = "not finite" if not math.isfinite(c) else "beyond float32's range"
+            raise ValueError(f"{where}[{i}] is {c}, {problem}; coefficients must be finite "
+                             "float32 values")
 
 
 def _check_sources(sources, ref: torch.Tensor, ref_what: str) -> list[torch.Tensor]:
@@ -293,27 +311,19 @@ def merge_into(target, checkpoints: Sequence[Mapping[str, torch.Tensor]], coeffs
             base_state = base
 
     plan = None
-    copies = []  # (target tensor, source tensor) for non-floating tensors
-    seen_ptrs = {}
+    copies = []  # (target tensor, last checkpoint's tensor) for integer tensors
+    merged = set()  # (data_ptr, numel, dtype) already in the plan: tied weights merge once
     for name in sorted(tensors):
         t = tensors[name]
+        entries = [ck[name] for ck in checkpoints]
         if not t.is_floating_point():
-            src = checkpoints[-1][name]
-            if src.shape != t.shape or src.dtype != t.dtype:
-                raise ValueError(f"checkpoints[-1][{name!r}]: {src.dtype} {tuple(src.shape)} "
-                                 f"does not match the target's {t.dtype} {tuple(t.shape)}")
-            copies.append((t, src))
+            for i, s in enumerate(entries):
+                _check_copy_source(s, t, f"checkpoints[{i}][{name!r}]", f"target[{name!r}]")
+            copies.append((t, entries[-1]))
             continue
         _check_tensor(t, f"target[{name!r}]")
-        key = (t.data_ptr(), t.numel(), t.dtype)
-        if t.numel() and key in seen_ptrs:  # a tied weight: one storage, merged once
-            srcs_named = [ck[name] for ck in checkpoints]
-            _check_sources(srcs_named, t, f"target[{name!r}]")
-            continue
-        seen_ptrs[key] = name
-        sources = [ck[name] for ck in checkpoints]
-        for i, s in enumerate(sources):
-            if not _is_like(s, t):
+        for i, s in enumerate(entries):
+            if not _is_like(s, t):  # the slow path names what is wrong
                 _check_tensor(s, f"checkpoints[{i}][{name!r}]")
                 _check_like(s, t, f"checkpoints[{i}][{name!r}]", f"target[{name!r}]")
         b = None
@@ -322,13 +332,17 @@ def merge_into(target, checkpoints: Sequence[Mapping[str, torch.Tensor]], coeffs
             _check_tensor(b, f"base[{name!r}]")
             _check_like(b, t, f"base[{name!r}]", f"target[{name!r}]")
             if not isinstance(base, int):
-                sources.append(b)  # the -sum(w) * theta_base term
+                entries.append(b)  # the -sum(w) * theta_base term
+        key = (t.data_ptr(), t.numel(), t.dtype)
+        if t.numel() and key in merged:
+            continue
+        merged.add(key)
         if plan is None:
-            plan = _Plan(t.device, len(sources), 1, num_checkpoints=len(checkpoints))
+            plan = _Plan(t.device, len(entries), 1, num_checkpoints=len(checkpoints))
         elif t.device != plan.device:
             raise ValueError(f"target[{name!r}] is on {t.device} but other target tensors are on "
                              f"{plan.device}; merge_into needs one device")
-        plan.add(name, [t], sources, b)
+        plan.add(name, [t], entries, b)
 
     # theta_b + sum_i w_i (theta_i - theta_b) = theta_b + sum_i w_i theta_i - (sum_i w_i) theta_b:
     # the base enters once as the engine's base and once as a source weighted -sum(w).
@@ -339,6 +353,7 @@ def merge_into(target, checkpoints: Sequence[Mapping[str, torch.Tensor]], coeffs
             row[base] -= total
         else:
             row = list(row) + [-total]
+        _check_float32_finite(row, "coefficients folded with the base (coeffs, -sum(coeffs))")
     if plan is not None:
         plan.finish()
         plan.run([row])
