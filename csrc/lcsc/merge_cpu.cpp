@@ -12,6 +12,7 @@
 #endif
 #if defined(LCSC_X86_DISPATCH)
 #include <cpuid.h>
+#include <xmmintrin.h>
 #endif
 
 #include "merge.h"
@@ -172,10 +173,20 @@ void merge_cpu(const MergeArgs& a, int num_threads) {
   const int64_t scratch_floats = a.num_outputs * tile;
   std::unique_ptr<float[]> scratch(new float[scratch_floats * threads]);
 
+  // Worker threads keep their own floating-point control state; they take the caller's
+  // flush-to-zero and denormals-are-zero bits (torch.set_flush_denormal) for the merge, so the
+  // thread count cannot change a result.
+#if defined(LCSC_X86_DISPATCH)
+  const unsigned caller_csr = _mm_getcsr();
+#endif
 #if defined(_OPENMP)
 #pragma omp parallel num_threads(threads)
 #endif
   {
+#if defined(LCSC_X86_DISPATCH)
+    const unsigned own_csr = _mm_getcsr();
+    _mm_setcsr(caller_csr);
+#endif
 #if defined(_OPENMP)
     float* acc = scratch.get() + scratch_floats * omp_get_thread_num();
 #pragma omp for schedule(static)
@@ -188,6 +199,9 @@ void merge_cpu(const MergeArgs& a, int num_threads) {
       const int64_t begin = (g - first_tile[t]) * tile;
       run_tile(a, t, begin, std::min(tile, a.numels[t] - begin), acc, tile);
     }
+#if defined(LCSC_X86_DISPATCH)
+    _mm_setcsr(own_csr);
+#endif
   }
 }
 
