@@ -1,0 +1,349 @@
+"""merge_into on real modules and state dicts, against lcsc_fast.reference.merge.
+
+The checkpoints are snapshots of a small Conv2d + BatchNorm2d + bias-free 1x1 Conv2d + Linear
+network trained with SGD on random data between snapshots, so parameters, BatchNorm running
+statistics and num_batches_tracked all differ from checkpoint to checkpoint.
+
+Accuracy is checked element by element against an a-priori bound (assert_merged_close), and the
+merged module's eval-mode outputs against a fresh module loaded with the reference merge.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lcsc_fast
+from conftest import (assert_bitwise_equal, device_params, generator, param, randn)
+from lcsc_fast import reference
+
+COEFFS = [0.3, -0.15, 0.45, 0.6]  # not float32-exact, do not sum to 1, one negative
+BASES = (None, 1, -1, "dict")
+
+
+class SmallNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.mix = nn.Conv2d(8, 4, 1, bias=False)  # the bias-free layer
+        self.fc = nn.Linear(4 * 4 * 4, 10)
+
+    def forward(self, x):  # x: (B, 3, 8, 8)
+        x = torch.relu(self.bn(self.conv(x)))
+        x = F.avg_pool2d(self.mix(x), 2)
+        return self.fc(x.flatten(1))
+
+
+class TiedNet(nn.Module):
+    """head.weight is embed.weight: one Parameter registered under two names."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(6, 6, bias=False)
+        self.body = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 6, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.body(self.embed(x))))
+
+
+def randomised(net: nn.Module, g: torch.Generator) -> nn.Module:
+    """net with every parameter redrawn from g (the global RNG is never used)."""
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return net
+
+
+def clone_state(state: dict) -> dict:
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """(pretrained state, [4 checkpoints]) from SGD training of SmallNet on random data."""
+    g = generator("trained")
+    net = randomised(SmallNet(), g)
+    pretrained = clone_state(net.state_dict())
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    net.train()
+    checkpoints = []
+    for i in range(4):
+        for _ in range(i + 1):  # num_batches_tracked: 1, 3, 6, 10
+            x = torch.randn(8, 3, 8, 8, generator=g) * 2 + 0.5
+            y = torch.randint(10, (8,), generator=g)
+            opt.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+        checkpoints.append(clone_state(net.state_dict()))
+    return pretrained, checkpoints
+
+
+@pytest.fixture
+def checkpoints(trained):
+    """Fresh copies of the four trained checkpoints (tests may not mutate the shared ones)."""
+    return [clone_state(ck) for ck in trained[1]]
+
+
+@pytest.fixture
+def pretrained(trained):
+    return clone_state(trained[0])
+
+
+def fresh_net(tag="fresh", cls=SmallNet) -> nn.Module:
+    return randomised(cls(), generator(tag))
+
+
+def resolve_base(base, checkpoints, pretrained):
+    return pretrained if base == "dict" else base
+
+
+def merged_bound(name, checkpoints, coeffs, base_state, ref, out_dtype) -> torch.Tensor:
+    """Elementwise error bound for one merged tensor (float64, CPU).
+
+    The engine evaluates base + sum_j w'_j x_j in float32 (w' the coefficients after folding
+    in -sum(w) * theta_base, rounded to float32; at most n + 2 terms). With S = sum_j |w'_j x_j|
+    + |base| <= sum_i |w_i theta_i| + (1 + sum_i |w_i|) |theta_base|, the classic summation
+    bound gives |error| <= ((n+2) u + u) S with u = 2**-24 for fused multiply-adds, twice that
+    without fusion; we allow 2 (n + 3) u S. A 16-bit target adds one rounding of the result:
+    eps/2 * |ref| plus half a subnormal step.
+    """
+    thetas = [ck[name].detach().cpu().double() for ck in checkpoints]
+    s = sum(abs(w) * th.abs() for w, th in zip(coeffs, thetas))
+    if base_state is not None:
+        s = s + (1 + sum(abs(w) for w in coeffs)) * base_state[name].detach().cpu().double().abs()
+    finfo = torch.finfo(out_dtype)
+    return (2 * (len(checkpoints) + 3) * 2.0**-24 * s + finfo.eps / 2 * ref.abs()
+            + finfo.tiny * finfo.eps)
+
+
+def assert_merged_close(state: dict, checkpoints, coeffs, base=None) -> None:
+    """Every floating tensor of state is within merged_bound of reference.merge; every other
+    tensor equals the last checkpoint's."""
+    ref = reference.merge(checkpoints, coeffs, base)
+    base_state = checkpoints[base] if isinstance(base, int) else base
+    assert set(state) == set(ref)
+    for name, t in state.items():
+        if not t.is_floating_point():
+            assert torch.equal(t.cpu(), ref[name]), name
+            continue
+        err = (t.detach().cpu().double() - ref[name]).abs()
+        bound = merged_bound(name, checkpoints, coeffs, base_state, ref[name], t.dtype)
+        assert bool((err <= bound).all()), (
+            f"{name}: error {float(err.max()):.3e} above bound at "
+            f"{int((err - bound).argmax())}")
+
+
+def storage_of(module: nn.Module) -> dict:
+    """name -> (the tensor object, its data_ptr) for every parameter and buffer."""
+    return {k: (v, v.data_ptr()) for k, v in module.state_dict(keep_vars=True).items()}
+
+
+def assert_same_storage(module: nn.Module, before: dict) -> None:
+    after = storage_of(module)
+    assert after.keys() == before.keys()
+    for k, (t, ptr) in before.items():
+        assert after[k][0] is t, f"{k} was replaced by a new tensor object"
+        assert after[k][1] == ptr, f"{k} moved: data_ptr changed"
+
+
+# ---------------------------------------------------------------- modules
+
+@pytest.mark.parametrize("base", param("base", BASES))
+@pytest.mark.parametrize("device", device_params())
+def test_merge_into_module(device, base, checkpoints, pretrained):
+    """Every parameter and buffer (BatchNorm running stats included) is overwritten in place
+    with the merge; num_batches_tracked is the last checkpoint's; the merged module computes
+    what a module loaded with the reference merge computes."""
+    checkpoints = [{k: v.to(device) for k, v in ck.items()} for ck in checkpoints]
+    pretrained = {k: v.to(device) for k, v in pretrained.items()}
+    b = resolve_base(base, checkpoints, pretrained)
+    model = fresh_net().to(device)
+    before = storage_of(model)
+    assert lcsc_fast.merge_into(model, checkpoints, COEFFS, base=b) is model
+    assert_same_storage(model, before)
+    assert all(p.requires_grad and isinstance(p, nn.Parameter) for p in model.parameters())
+    assert_merged_close(model.state_dict(), checkpoints, COEFFS, b)
+    nbt = [int(ck["bn.num_batches_tracked"]) for ck in checkpoints]
+    assert len(set(nbt)) == len(nbt)  # the checkpoints really differ
+    assert int(model.bn.num_batches_tracked) == nbt[-1]
+
+    # Parameters agree with the float64 merge to within a few float32 ulps (merged_bound); the
+    # net is 4 layers deep with fan-in <= 72, so outputs of size ~1 agree to ~1e-6; 2e-5
+    # absolute / 1e-5 relative leaves a 10x margin while catching any wrong tensor.
+    expected = SmallNet().to(device)
+    expected.load_state_dict({k: v.to(device=device, dtype=torch.float32)
+                              if v.is_floating_point() else v.to(device)
+                              for k, v in reference.merge(checkpoints, COEFFS, b).items()})
+    x = randn((16, 3, 8, 8), torch.float32, generator("input"), device)
+    model.eval()
+    expected.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected(x), rtol=1e-5, atol=2e-5)
+
+
+def test_single_checkpoint_with_weight_one_is_an_exact_copy(checkpoints):
+    """merge_into(model, [ck], [1.0]) writes ck into every tensor bitwise."""
+    model = fresh_net()
+    lcsc_fast.merge_into(model, [checkpoints[2]], [1.0])
+    for k, v in model.state_dict().items():
+        assert_bitwise_equal(v, checkpoints[2][k], k)
+
+
+@pytest.mark.parametrize("base", param("base", BASES))
+def test_dict_target_matches_module_target(base, checkpoints, pretrained):
+    """A dict name -> tensor target is written in place exactly like the module's tensors."""
+    b = resolve_base(base, checkpoints, pretrained)
+    model = fresh_net()
+    lcsc_fast.merge_into(model, checkpoints, COEFFS, base=b)
+    target = {k: torch.full_like(v, 7) for k, v in checkpoints[0].items()}
+    ptrs = {k: v.data_ptr() for k, v in target.items()}
+    assert lcsc_fast.merge_into(target, checkpoints, COEFFS, base=b) is target
+    assert {k: v.data_ptr() for k, v in target.items()} == ptrs
+    for k, v in model.state_dict().items():
+        assert_bitwise_equal(target[k], v, k)
+
+
+def test_num_batches_tracked_comes_from_the_last_checkpoint_even_with_a_base(checkpoints):
+    """Integer tensors are copied from the last checkpoint, not from the base checkpoint."""
+    model = fresh_net()
+    lcsc_fast.merge_into(model, checkpoints, COEFFS, base=0)
+    assert torch.equal(model.bn.num_batches_tracked, checkpoints[-1]["bn.num_batches_tracked"])
+    assert int(checkpoints[0]["bn.num_batches_tracked"]) != int(model.bn.num_batches_tracked)
+
+
+@pytest.mark.parametrize("ck_dtypes", [
+    pytest.param((torch.bfloat16,) * 4, id="ckpt=bf16"),
+    pytest.param((torch.float32, torch.bfloat16, torch.float16, torch.bfloat16), id="ckpt=mixed"),
+])
+@pytest.mark.parametrize("base", param("base", BASES))
+def test_low_precision_checkpoints_into_fp32_model(base, ck_dtypes, checkpoints, pretrained):
+    """bf16 (or mixed fp32/bf16/fp16) checkpoints merge into an fp32 model accurately."""
+    cast = [{k: v.to(dt) if v.is_floating_point() else v for k, v in ck.items()}
+            for ck, dt in zip(checkpoints, ck_dtypes)]
+    b = resolve_base(base, cast, {k: v.to(torch.bfloat16) if v.is_floating_point() else v
+                                  for k, v in pretrained.items()})
+    model = fresh_net()
+    before = storage_of(model)
+    lcsc_fast.merge_into(model, cast, COEFFS, base=b)
+    assert_same_storage(model, before)
+    assert all(v.dtype == torch.float32 for v in model.parameters())
+    assert_merged_close(model.state_dict(), cast, COEFFS, b)
+
+
+@pytest.mark.parametrize("target_dtype", param("target", (torch.float16, torch.bfloat16)))
+def test_fp32_checkpoints_into_16bit_model(target_dtype, checkpoints):
+    """A half/bfloat16 model receives the float32 merge rounded once to its dtype."""
+    model = fresh_net().to(target_dtype)
+    before = storage_of(model)
+    lcsc_fast.merge_into(model, checkpoints, COEFFS, base=-1)
+    assert_same_storage(model, before)
+    assert_merged_close(model.state_dict(), checkpoints, COEFFS, -1)
+
+
+# ---------------------------------------------------------------- tied weights and aliasing
+
+def test_tied_weights():
+    """A Parameter registered under two names is merged once, stays shared and in place."""
+    g = generator("tied")
+    ckpts = [clone_state(randomised(TiedNet(), g).state_dict()) for _ in range(3)]
+    assert "head.weight" in ckpts[0] and "embed.weight" in ckpts[0]
+    model = fresh_net("tied-fresh", TiedNet)
+    before = storage_of(model)
+    coeffs = [0.5, 0.25, 0.25]
+    lcsc_fast.merge_into(model, ckpts, coeffs)
+    assert model.head.weight is model.embed.weight
+    assert_same_storage(model, before)
+    assert_merged_close(model.state_dict(), ckpts, coeffs)
+
+
+@pytest.mark.parametrize("base", param("base", ("none", "live-index", "live-dict")))
+@pytest.mark.parametrize("position", param("live", (0, 2, 3)))
+def test_checkpoint_holding_the_models_own_tensors(position, base, checkpoints):
+    """A checkpoint (or base) that is model.state_dict() itself, i.e. exactly aliases the tensors
+    being written, gives the same bits as merging from a copy of it."""
+    model = fresh_net()
+    model.load_state_dict(checkpoints[position])
+    live = model.state_dict()  # detached views of the model's own storage
+    assert all(live[k].data_ptr() == v.data_ptr()
+               for k, v in model.state_dict(keep_vars=True).items())
+    listed = list(checkpoints)
+    listed[position] = live
+    live_base = {"none": None, "live-index": position, "live-dict": live}[base]
+    copy_base = {"none": None, "live-index": position, "live-dict": checkpoints[position]}[base]
+
+    expected = fresh_net("other")
+    lcsc_fast.merge_into(expected, checkpoints, COEFFS, base=copy_base)
+    before = storage_of(model)
+    lcsc_fast.merge_into(model, listed, COEFFS, base=live_base)
+    assert_same_storage(model, before)
+    for k, v in expected.state_dict().items():
+        assert_bitwise_equal(model.state_dict()[k], v, k)
+
+
+# ---------------------------------------------------------------- many tensors, determinism
+
+def _flat_target(g):
+    """A dict target of 41 tensors of assorted sizes (0 to 10**5 elements) that are disjoint
+    views of one flat float32 buffer, plus a num_batches_tracked-like counter."""
+    sizes = [0, 1, 7, 4097, 10**5, 63, 64, 65, 1000, 3] * 4 + [12345]
+    flat = torch.zeros(sum(sizes), dtype=torch.float32)
+    target, offset = {}, 0
+    for i, n in enumerate(sizes):
+        target[f"t{i:02d}"] = flat[offset:offset + n]
+        offset += n
+    target["counter"] = torch.zeros((), dtype=torch.int64)
+    ckpts = []
+    for j in range(6):
+        ck = {k: randn(v.shape, (torch.float32, torch.bfloat16, torch.float16)[j % 3], g)
+              for k, v in target.items() if k != "counter"}
+        ck["counter"] = torch.tensor(j * 10)
+        ckpts.append(ck)
+    return target, ckpts
+
+
+def test_many_tensors_dict_target(restore_threads):
+    """41 tensors of assorted sizes, packed into one flat buffer, are merged accurately, and
+    1 vs 2 threads and repeated runs give the same bits."""
+    g = generator("many")
+    target, ckpts = _flat_target(g)
+    coeffs = [0.1, 0.2, -0.3, 0.4, 0.5, 0.1]
+    results = []
+    for threads in (1, 2, 2):
+        torch.set_num_threads(threads)
+        for v in target.values():
+            v.fill_(0)
+        lcsc_fast.merge_into(target, ckpts, coeffs, base=2)
+        results.append({k: v.clone() for k, v in target.items()})
+    assert_merged_close(target, ckpts, coeffs, 2)
+    assert int(target["counter"]) == 50
+    for other in results[1:]:
+        for k, v in results[0].items():
+            assert_bitwise_equal(other[k], v, k)
+
+
+def test_module_merge_thread_invariant(restore_threads, checkpoints, pretrained):
+    """Merging the module with 1 and with 2 threads gives bitwise equal state."""
+    states = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        model = fresh_net()
+        lcsc_fast.merge_into(model, checkpoints, COEFFS, base=pretrained)
+        states.append(model.state_dict())
+    for k, v in states[0].items():
+        assert_bitwise_equal(states[1][k], v, k)
+
+
+def test_base_index_and_equivalent_base_dict_agree(checkpoints):
+    """base=i and base=<a copy of checkpoints[i]> both give theta_i + sum w (theta - theta_i)
+    (computed differently: a folded coefficient vs an extra -sum(w) source)."""
+    for i in (0, 3):
+        a, b = fresh_net("a"), fresh_net("b")
+        lcsc_fast.merge_into(a, checkpoints, COEFFS, base=i)
+        lcsc_fast.merge_into(b, checkpoints, COEFFS, base=clone_state(checkpoints[i]))
+        assert_merged_close(a.state_dict(), checkpoints, COEFFS, i)
+        assert_merged_close(b.state_dict(), checkpoints, COEFFS, i)
