@@ -77,13 +77,18 @@ PYBIND11_MODULE(_C, m) {
       "merge_cpu",
       [](py::buffer numels, py::buffer outs, py::buffer out_dtypes, py::buffer bases,
          py::buffer base_dtypes, py::buffer srcs, py::buffer src_dtypes, py::buffer coeffs,
-         int64_t num_sources, int64_t num_outputs, int num_threads) {
+         int64_t num_sources, int64_t num_outputs, int num_threads, bool guard_faults) {
         Tables tables(numels, outs, out_dtypes, bases, base_dtypes, srcs, src_dtypes, coeffs,
                       num_sources, num_outputs);
         py::gil_scoped_release release;
-        lcsc::merge_cpu(tables.args, num_threads);
+        lcsc::merge_cpu(tables.args, num_threads, guard_faults);
       },
-      "Fused weighted sum over T tensors x N sources x K outputs on the CPU.");
+      py::arg("numels"), py::arg("outs"), py::arg("out_dtypes"), py::arg("bases"),
+      py::arg("base_dtypes"), py::arg("srcs"), py::arg("src_dtypes"), py::arg("coeffs"),
+      py::arg("num_sources"), py::arg("num_outputs"), py::arg("num_threads"),
+      py::arg("guard_faults") = false,
+      "Fused weighted sum over T tensors x N sources x K outputs on the CPU. guard_faults turns "
+      "a SIGBUS from a truncated memory-mapped source into RuntimeError.");
 
   m.def(
       "merge_cuda",
@@ -110,6 +115,24 @@ PYBIND11_MODULE(_C, m) {
         return py::make_tuple(o.out_k, o.out_t, o.other_k, o.in_t, o.in_i);
       },
       "None, or (out_k, out_t, other_k, in_t, in_i) naming the first illegal overlap.");
+
+  m.def(
+      "copy_regions",
+      [](py::buffer dst, py::buffer src, py::buffer nbytes, int num_threads) {
+        const py::buffer_info d = dst.request(), s = src.request(), n = nbytes.request();
+        const int64_t count = n.size;
+        const auto* dst_ptrs = table<uint64_t>(d, count, "dst");
+        const auto* src_ptrs = table<uint64_t>(s, count, "src");
+        const auto* sizes = table<int64_t>(n, count, "nbytes");
+        for (int64_t i = 0; i < count; ++i) {
+          if (sizes[i] < 0) throw std::invalid_argument("nbytes: negative size");
+        }
+        py::gil_scoped_release release;
+        lcsc::copy_regions(reinterpret_cast<void* const*>(dst_ptrs),
+                           reinterpret_cast<const void* const*>(src_ptrs), sizes, count,
+                           num_threads);
+      },
+      "Copy regions src[i] -> dst[i] of nbytes[i] bytes in parallel; SIGBUS -> RuntimeError.");
 
   m.def("cuda_compiled", &lcsc::cuda_compiled);
   m.def("cuda_device_count", &lcsc::cuda_device_count);

@@ -43,7 +43,10 @@ Overlap find_overlap(const MergeArgs& args);
 
 // CPU: OpenMP over tiles of all tensors with num_threads threads, vectorised with the best
 // SIMD level this CPU supports (or the one forced by set_simd_level).
-void merge_cpu(const MergeArgs& args, int num_threads);
+// guard_faults: sources may live in memory-mapped files that can shrink under us. A SIGBUS
+// while reading one ends the merge with std::runtime_error instead of killing the process;
+// the outputs are then partly written.
+void merge_cpu(const MergeArgs& args, int num_threads, bool guard_faults = false);
 
 // CUDA: enqueued on `stream` (a cudaStream_t) of `device`; returns without synchronising.
 // Throws std::runtime_error when CUDA is not compiled in or a CUDA call fails.
@@ -56,6 +59,12 @@ int cuda_device_count();
 const char* simd_level();
 void set_simd_level(const char* name);
 const char* simd_levels_available();  // comma-separated
+
+// dst[i][0, nbytes[i]) = src[i][0, nbytes[i]) for i < count, in parallel; a SIGBUS while reading
+// (a mapped file that shrank) raises std::runtime_error. Gathers mapped file regions into
+// pinned staging memory on their way to a GPU.
+void copy_regions(void* const* dst, const void* const* src, const int64_t* nbytes, int64_t count,
+                  int num_threads);
 
 // Reads nbytes at p with num_threads threads and returns a checksum, so that benchmarks can
 // measure the streaming read bandwidth the merge kernels compete against.

@@ -1,7 +1,11 @@
 // CPU entry point: validates the args, picks the SIMD level once, and runs tiles in parallel.
+#include <csetjmp>
+#include <csignal>
+
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <mutex>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -69,6 +73,37 @@ cpu::TileFn tile_fn(int level) {
 int64_t tile_elems(int64_t num_outputs) {
   const int64_t fit = (int64_t{8192} / num_outputs) / 64 * 64;
   return std::clamp<int64_t>(fit, 64, 4096);
+}
+
+// SIGBUS guard. A thread reading guarded memory publishes a jump buffer; the handler jumps
+// back to it, so a file truncated under a mapping costs an exception, not the process. Faults
+// outside a guarded read go to whatever handler was installed before ours (Python's
+// faulthandler, say) or to the default action.
+thread_local sigjmp_buf* t_fault_jump = nullptr;
+struct sigaction g_previous_sigbus;
+
+void on_sigbus(int sig, siginfo_t* info, void* context) {
+  if (t_fault_jump != nullptr) siglongjmp(*t_fault_jump, 1);
+  if (g_previous_sigbus.sa_flags & SA_SIGINFO) {
+    g_previous_sigbus.sa_sigaction(sig, info, context);
+  } else if (g_previous_sigbus.sa_handler != SIG_IGN && g_previous_sigbus.sa_handler != SIG_DFL) {
+    g_previous_sigbus.sa_handler(sig);
+  } else {
+    // Restore the previous disposition; returning re-runs the faulting access under it.
+    sigaction(SIGBUS, &g_previous_sigbus, nullptr);
+  }
+}
+
+void install_sigbus_guard() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    struct sigaction action {};
+    action.sa_sigaction = on_sigbus;
+    // SA_NODEFER: leaving the handler by siglongjmp must not leave SIGBUS blocked.
+    action.sa_flags = SA_SIGINFO | SA_NODEFER;
+    sigemptyset(&action.sa_mask);
+    sigaction(SIGBUS, &action, &g_previous_sigbus);
+  });
 }
 
 }  // namespace
@@ -159,7 +194,7 @@ Overlap find_overlap(const MergeArgs& a) {
   return found;
 }
 
-void merge_cpu(const MergeArgs& a, int num_threads) {
+void merge_cpu(const MergeArgs& a, int num_threads, bool guard_faults) {
   validate(a);
   const int64_t T = a.num_tensors;
   const int64_t tile = tile_elems(a.num_outputs);
@@ -172,6 +207,8 @@ void merge_cpu(const MergeArgs& a, int num_threads) {
   const int threads = static_cast<int>(std::clamp<int64_t>(num_threads, 1, total));
   const int64_t scratch_floats = a.num_outputs * tile;
   std::unique_ptr<float[]> scratch(new float[scratch_floats * threads]);
+  if (guard_faults) install_sigbus_guard();
+  std::atomic<bool> faulted{false};
 
   // Worker threads keep their own floating-point control state; they take the caller's
   // flush-to-zero and denormals-are-zero bits (torch.set_flush_denormal) for the merge, so the
@@ -197,11 +234,52 @@ void merge_cpu(const MergeArgs& a, int num_threads) {
       const int64_t t = std::upper_bound(first_tile.begin(), first_tile.end(), g) -
                         first_tile.begin() - 1;
       const int64_t begin = (g - first_tile[t]) * tile;
+      if (guard_faults) {
+        // The tile code holds no resources, so jumping out of it mid-way leaks nothing.
+        sigjmp_buf jump;
+        if (faulted.load(std::memory_order_relaxed) || sigsetjmp(jump, 0) != 0) {
+          t_fault_jump = nullptr;
+          faulted.store(true);
+          continue;
+        }
+        t_fault_jump = &jump;
+      }
       run_tile(a, t, begin, std::min(tile, a.numels[t] - begin), acc, tile);
+      t_fault_jump = nullptr;
     }
 #if defined(LCSC_X86_DISPATCH)
     _mm_setcsr(own_csr);
 #endif
+  }
+  if (faulted.load()) {
+    throw std::runtime_error(
+        "a memory-mapped source could not be read (SIGBUS): a checkpoint file was truncated "
+        "or changed while merging; the outputs are partly written");
+  }
+}
+
+void copy_regions(void* const* dst, const void* const* src, const int64_t* nbytes, int64_t count,
+                  int num_threads) {
+  install_sigbus_guard();
+  std::atomic<bool> faulted{false};
+#if defined(_OPENMP)
+#pragma omp parallel for num_threads(std::max(num_threads, 1)) schedule(dynamic, 16)
+#endif
+  for (int64_t i = 0; i < count; ++i) {
+    sigjmp_buf jump;
+    if (faulted.load(std::memory_order_relaxed) || sigsetjmp(jump, 0) != 0) {
+      t_fault_jump = nullptr;
+      faulted.store(true);
+      continue;
+    }
+    t_fault_jump = &jump;
+    std::memcpy(dst[i], src[i], static_cast<size_t>(nbytes[i]));
+    t_fault_jump = nullptr;
+  }
+  if (faulted.load()) {
+    throw std::runtime_error(
+        "a memory-mapped source could not be read (SIGBUS): a checkpoint file was truncated "
+        "or changed while copying it");
   }
 }
 

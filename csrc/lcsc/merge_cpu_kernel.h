@@ -21,9 +21,9 @@
 namespace lcsc::cpu {
 
 // One tile: elements [begin, begin + len) of tensor t for every output, with K * tile floats
-// of scratch.
+// of scratch, rows `stride` floats apart.
 using TileFn = void (*)(const MergeArgs&, int64_t t, int64_t begin, int64_t len, float* acc,
-                        int64_t tile);
+                        int64_t stride);
 TileFn scalar_tile();
 TileFn avx2_tile();    // x86-64 builds only
 TileFn avx512_tile();  // x86-64 builds only
@@ -60,7 +60,7 @@ struct Tile {
   template <int G, int32_t D>
   static void accumulate_group(const void* const* src, const int32_t* dtypes,
                                const float* coeffs, int64_t N, int64_t K, int64_t begin,
-                               int64_t len, float* acc, int64_t tile, const void* const* next,
+                               int64_t len, float* acc, int64_t stride, const void* const* next,
                                const int32_t* next_dtypes, int num_next) {
     auto prefetch_next = [&](int64_t j) {
       for (int u = 0; u < num_next; ++u) {
@@ -81,7 +81,7 @@ struct Tile {
         Reg s0[G], s1[G];
         for (int u = 0; u < G; ++u) s0[u] = load(u, j), s1[u] = load(u, j + W);
         for (int64_t k = 0; k < K; ++k) {
-          float* a = acc + k * tile + j;
+          float* a = acc + k * stride + j;
           const float* c = coeffs + k * N;
           Reg r0 = V::load_acc(a), r1 = V::load_acc(a + W);
           for (int u = 0; u < G; ++u) {
@@ -99,7 +99,7 @@ struct Tile {
       Reg s[G];
       for (int u = 0; u < G; ++u) s[u] = load(u, j);
       for (int64_t k = 0; k < K; ++k) {
-        float* a = acc + k * tile + j;
+        float* a = acc + k * stride + j;
         const float* c = coeffs + k * N;
         Reg r = V::load_acc(a);
         for (int u = 0; u < G; ++u) r = V::fma(V::broadcast(c[u]), s[u], r);
@@ -110,21 +110,21 @@ struct Tile {
       float s[G];
       for (int u = 0; u < G; ++u) s[u] = lcsc::load_as_float(src[u], begin + j, dtypes[u]);
       for (int64_t k = 0; k < K; ++k) {
-        float r = acc[k * tile + j];
+        float r = acc[k * stride + j];
         for (int u = 0; u < G; ++u) r = lcsc::accumulate(r, coeffs[k * N + u], s[u]);
-        acc[k * tile + j] = r;
+        acc[k * stride + j] = r;
       }
     }
   }
 
   template <int G>
   static void group(const void* const* src, const int32_t* dtypes, const float* coeffs,
-                    int64_t N, int64_t K, int64_t begin, int64_t len, float* acc, int64_t tile,
+                    int64_t N, int64_t K, int64_t begin, int64_t len, float* acc, int64_t stride,
                     int num_next) {
     const int32_t d = dtypes[0];
     bool uniform = true;
     for (int u = 1; u < G; ++u) uniform = uniform && dtypes[u] == d;
-    const auto args = std::make_tuple(src, dtypes, coeffs, N, K, begin, len, acc, tile,
+    const auto args = std::make_tuple(src, dtypes, coeffs, N, K, begin, len, acc, stride,
                                       src + G, dtypes + G, num_next);
     if (!uniform) return std::apply(accumulate_group<G, kMixed>, args);
     switch (d) {
@@ -138,7 +138,7 @@ struct Tile {
   // before any output is written, so an output may alias the base.
   template <int32_t OD, int32_t BD>
   static void finish(const MergeArgs& a, int64_t t, int64_t begin, int64_t len,
-                     const float* acc, int64_t tile) {
+                     const float* acc, int64_t stride) {
     const int64_t K = a.num_outputs, T = a.num_tensors;
     const void* base = a.bases[t];
     int64_t j = 0;
@@ -146,7 +146,7 @@ struct Tile {
       Reg b{};
       if constexpr (BD != kNoBase) b = V::template load<BD>(base, begin + j);
       for (int64_t k = 0; k < K; ++k) {
-        Reg r = V::load_acc(acc + k * tile + j);
+        Reg r = V::load_acc(acc + k * stride + j);
         if constexpr (BD != kNoBase) r = V::add(r, b);
         V::template store<OD>(a.outs[k * T + t], begin + j, r);
       }
@@ -155,7 +155,7 @@ struct Tile {
       float b = 0.f;
       if constexpr (BD != kNoBase) b = lcsc::load_as_float(base, begin + j, BD);
       for (int64_t k = 0; k < K; ++k) {
-        float r = acc[k * tile + j];
+        float r = acc[k * stride + j];
         if constexpr (BD != kNoBase) r = r + b;
         lcsc::store_from_float(a.outs[k * T + t], begin + j, OD, r);
       }
@@ -164,38 +164,38 @@ struct Tile {
 
   template <int32_t OD>
   static void finish_out(const MergeArgs& a, int64_t t, int64_t begin, int64_t len,
-                         const float* acc, int64_t tile) {
-    if (a.bases[t] == nullptr) return finish<OD, kNoBase>(a, t, begin, len, acc, tile);
+                         const float* acc, int64_t stride) {
+    if (a.bases[t] == nullptr) return finish<OD, kNoBase>(a, t, begin, len, acc, stride);
     switch (a.base_dtypes[t]) {
-      case kFloat16: return finish<OD, kFloat16>(a, t, begin, len, acc, tile);
-      case kBFloat16: return finish<OD, kBFloat16>(a, t, begin, len, acc, tile);
-      default: return finish<OD, kFloat32>(a, t, begin, len, acc, tile);
+      case kFloat16: return finish<OD, kFloat16>(a, t, begin, len, acc, stride);
+      case kBFloat16: return finish<OD, kBFloat16>(a, t, begin, len, acc, stride);
+      default: return finish<OD, kFloat32>(a, t, begin, len, acc, stride);
     }
   }
 
   // Elements [begin, begin + len) of tensor t, every output; acc is K * tile floats of scratch.
   static void run(const MergeArgs& a, int64_t t, int64_t begin, int64_t len, float* acc,
-                  int64_t tile) {
+                  int64_t stride) {
     const int64_t N = a.num_sources, K = a.num_outputs;
-    for (int64_t k = 0; k < K; ++k) std::fill_n(acc + k * tile, len, 0.f);
+    for (int64_t k = 0; k < K; ++k) std::fill_n(acc + k * stride, len, 0.f);
     const void* const* src = a.srcs + t * N;
     const int32_t* dtypes = a.src_dtypes + t * N;
     int64_t i = 0;
     auto next_count = [N](int64_t after) { return int(std::min<int64_t>(8, N - after)); };
     for (; i + 8 <= N; i += 8) {
-      group<8>(src + i, dtypes + i, a.coeffs + i, N, K, begin, len, acc, tile, next_count(i + 8));
+      group<8>(src + i, dtypes + i, a.coeffs + i, N, K, begin, len, acc, stride, next_count(i + 8));
     }
     if (i + 4 <= N) {
-      group<4>(src + i, dtypes + i, a.coeffs + i, N, K, begin, len, acc, tile, next_count(i + 4));
+      group<4>(src + i, dtypes + i, a.coeffs + i, N, K, begin, len, acc, stride, next_count(i + 4));
       i += 4;
     }
     for (; i < N; ++i) {
-      group<1>(src + i, dtypes + i, a.coeffs + i, N, K, begin, len, acc, tile, next_count(i + 1));
+      group<1>(src + i, dtypes + i, a.coeffs + i, N, K, begin, len, acc, stride, next_count(i + 1));
     }
     switch (a.out_dtypes[t]) {
-      case kFloat16: return finish_out<kFloat16>(a, t, begin, len, acc, tile);
-      case kBFloat16: return finish_out<kBFloat16>(a, t, begin, len, acc, tile);
-      default: return finish_out<kFloat32>(a, t, begin, len, acc, tile);
+      case kFloat16: return finish_out<kFloat16>(a, t, begin, len, acc, stride);
+      case kBFloat16: return finish_out<kBFloat16>(a, t, begin, len, acc, stride);
+      default: return finish_out<kFloat32>(a, t, begin, len, acc, stride);
     }
   }
 };
