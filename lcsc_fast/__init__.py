@@ -6,6 +6,7 @@ straight into a model's parameter buffers.
 
 __version__ = "0.1.0"
 
-from .engine import build_info, merge_into, weighted_sum, weighted_sum_batched
+from .engine import MergePlan, build_info, merge_into, weighted_sum, weighted_sum_batched
 
-__all__ = ["__version__", "build_info", "merge_into", "weighted_sum", "weighted_sum_batched"]
+__all__ = ["__version__", "MergePlan", "build_info", "merge_into", "weighted_sum",
+           "weighted_sum_batched"]

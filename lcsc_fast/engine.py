@@ -14,11 +14,12 @@ from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from . import _C
 
-__all__ = ["weighted_sum", "weighted_sum_batched", "merge_into", "build_info"]
+__all__ = ["weighted_sum", "weighted_sum_batched", "merge_into", "MergePlan", "build_info"]
 
 # Must match lcsc::DType in csrc/lcsc/elementwise.h.
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -54,6 +55,33 @@ class _Plan:
         self.srcs.extend(s.data_ptr() for s in sources)
         self.src_dtypes.extend(_DTYPE_CODES[s.dtype] for s in sources)
 
+    def _slice(self, tables: tuple, lo: int, hi: int | None) -> tuple:
+        """The tables of tensors [lo, hi) only (numpy-backed plans)."""
+        numels, outs, out_dtypes, bases, base_dtypes, srcs, src_dtypes, coeffs, n, k = tables
+        outs = np.asarray(outs).reshape(k, -1)[:, lo:hi]
+        rows = lambda x, w: np.asarray(x).reshape(-1, w)[lo:hi].reshape(-1)  # noqa: E731
+        return (rows(numels, 1), np.ascontiguousarray(outs).reshape(-1), rows(out_dtypes, 1),
+                rows(bases, 1), rows(base_dtypes, 1), rows(srcs, n), rows(src_dtypes, n), coeffs,
+                n, k)
+
+    @classmethod
+    def from_arrays(cls, device, names, numels, outs, out_dtypes, bases, base_dtypes, srcs,
+                    src_dtypes, num_checkpoints=0) -> "_Plan":
+        """A plan from ready-made tables ([T], [K, T], [T], [T], [T], [T, N], [T, N] arrays),
+        such as a trajectory's; memory overlap is checked as for any plan."""
+        num_outputs, num_sources = outs.shape[0], srcs.shape[1]
+        plan = cls(device, num_sources, num_outputs, num_checkpoints=num_checkpoints,
+                   names=list(names))
+        plan.numels = np.ascontiguousarray(numels, dtype=np.int64)
+        plan.outs = np.ascontiguousarray(outs, dtype=np.uint64).reshape(-1)
+        plan.out_dtypes = np.ascontiguousarray(out_dtypes, dtype=np.int32)
+        plan.bases = np.ascontiguousarray(bases, dtype=np.uint64)
+        plan.base_dtypes = np.ascontiguousarray(base_dtypes, dtype=np.int32)
+        plan.srcs = np.ascontiguousarray(srcs, dtype=np.uint64).reshape(-1)
+        plan.src_dtypes = np.ascontiguousarray(src_dtypes, dtype=np.int32).reshape(-1)
+        plan._check_overlap()
+        return plan
+
     def _tables(self, coeffs: array) -> tuple:
         return (self.numels, self.outs, self.out_dtypes, self.bases, self.base_dtypes,
                 self.srcs, self.src_dtypes, coeffs, self.num_sources, self.num_outputs)
@@ -62,6 +90,9 @@ class _Plan:
         """Lay out outs as [K, T], then check that outputs overlap nothing but themselves."""
         for k in range(self.num_outputs):
             self.outs.extend(ptrs[k] for ptrs in self._outs_by_tensor)
+        self._check_overlap()
+
+    def _check_overlap(self) -> None:
         zeros = array("f", bytes(4 * self.num_outputs * self.num_sources))
         overlap = _C.find_overlap(*self._tables(zeros))
         if overlap is not None:
@@ -90,11 +121,17 @@ class _Plan:
             return f"base[{name!r}]"
         return f"checkpoints[{i}][{name!r}]"
 
-    def run(self, coeffs: list[list[float]]) -> None:
-        """Execute with coeffs [K][N] (validated) on the plan's device."""
+    def run(self, coeffs: list[list[float]], lo: int = 0, hi: int | None = None,
+            guard_faults: bool = False) -> None:
+        """Execute with coeffs [K][N] (validated) on the plan's device, for tensors [lo, hi).
+
+        guard_faults: sources are memory-mapped files; a fault reading one raises RuntimeError.
+        """
         tables = self._tables(array("f", (c for row in coeffs for c in row)))
+        if lo != 0 or (hi is not None and hi != len(self.numels)):
+            tables = self._slice(tables, lo, hi)
         if self.device.type == "cpu":
-            _C.merge_cpu(*tables, torch.get_num_threads())
+            _C.merge_cpu(*tables, torch.get_num_threads(), guard_faults)
             return
         if not _C.cuda_compiled():
             raise RuntimeError(
@@ -280,87 +317,132 @@ def merge_into(target, checkpoints: Sequence[Mapping[str, torch.Tensor]], coeffs
     """Write the merged checkpoint into target's existing storage; returns target.
 
     target: an nn.Module (parameters and buffers, by state_dict name) or a dict name -> tensor.
-    checkpoints: N state dicts with exactly target's names. Every floating-point tensor becomes
-    sum_i coeffs[i] * theta_i, or theta_base + sum_i coeffs[i] * (theta_i - theta_base) when base
-    (an index into checkpoints, or a state dict) is given; integer tensors (BatchNorm's
-    num_batches_tracked) are copied from the last checkpoint. Storage is written in place:
-    data_ptr() is unchanged. Nothing is written unless every input is valid.
+    checkpoints: N state dicts with exactly target's names, or a lcsc_fast.Trajectory, merged
+    straight from its files. Every floating-point tensor becomes sum_i coeffs[i] * theta_i, or
+    theta_base + sum_i coeffs[i] * (theta_i - theta_base) when base (an index into checkpoints,
+    or a state dict) is given; integer tensors (BatchNorm's num_batches_tracked) are copied from
+    the last checkpoint. Storage is written in place: data_ptr() is unchanged. Nothing is
+    written unless every input is valid.
+
+    Each call validates every tensor again; to merge the same checkpoints many times (a
+    search), build a MergePlan once and call it.
     """
-    tensors = _target_tensors(target)
-    if isinstance(checkpoints, Mapping) or not isinstance(checkpoints, Sequence):
-        raise TypeError("checkpoints: expected a sequence of state dicts (a list or tuple)")
-    if len(checkpoints) == 0:
-        raise ValueError("checkpoints: at least one checkpoint is needed")
-    names = set(tensors)
-    for i, ck in enumerate(checkpoints):
-        _check_names(names, ck, f"checkpoints[{i}]")
-    (row,) = _coeff_rows(coeffs, None, len(checkpoints))
+    if hasattr(checkpoints, "_lcsc_merge_into"):  # a Trajectory: merged from its files
+        return checkpoints._lcsc_merge_into(target, coeffs, base)
+    return MergePlan(target, checkpoints, base)(coeffs)
 
-    base_state = None
-    if base is not None:
-        if isinstance(base, bool) or not isinstance(base, (int, Mapping)):
-            raise TypeError("base: expected a checkpoint index or a state dict")
-        if isinstance(base, int):
-            if not -len(checkpoints) <= base < len(checkpoints):
-                raise ValueError(f"base: index {base} is out of range for {len(checkpoints)} "
-                                 "checkpoints")
-            base %= len(checkpoints)
-            base_state = checkpoints[base]
-        else:
-            _check_names(names, base, "base")
-            base_state = base
 
-    plan = None
-    copies = []  # (target tensor, last checkpoint's tensor) for integer tensors
-    merged = set()  # (data_ptr, numel, dtype) already in the plan: tied weights merge once
-    for name in sorted(tensors):
-        t = tensors[name]
-        entries = [ck[name] for ck in checkpoints]
-        if not t.is_floating_point():
+class MergePlan:
+    """merge_into(target, checkpoints, ., base) prepared once: plan(coeffs) merges into target.
+
+    Validation and the engine's pointer tables are built here, once, so a call costs the native
+    merge and a check that target still holds the same tensors. The plan keeps references to
+    the checkpoints' tensors; they must not be resized or replaced while it is in use (their
+    values may change: they are read at each call).
+    """
+
+    def __init__(self, target, checkpoints: Sequence[Mapping[str, torch.Tensor]],
+                 base: int | Mapping[str, torch.Tensor] | None = None):
+        tensors = _target_tensors(target)
+        if isinstance(checkpoints, Mapping) or not isinstance(checkpoints, Sequence):
+            raise TypeError("checkpoints: expected a sequence of state dicts (a list or tuple)")
+        if len(checkpoints) == 0:
+            raise ValueError("checkpoints: at least one checkpoint is needed")
+        names = set(tensors)
+        for i, ck in enumerate(checkpoints):
+            _check_names(names, ck, f"checkpoints[{i}]")
+        base_state = None
+        if base is not None:
+            if isinstance(base, bool) or not isinstance(base, (int, Mapping)):
+                raise TypeError("base: expected a checkpoint index or a state dict")
+            if isinstance(base, int):
+                if not -len(checkpoints) <= base < len(checkpoints):
+                    raise ValueError(f"base: index {base} is out of range for "
+                                     f"{len(checkpoints)} checkpoints")
+                base %= len(checkpoints)
+                base_state = checkpoints[base]
+            else:
+                _check_names(names, base, "base")
+                base_state = base
+
+        plan = None
+        copies = []  # (target tensor, last checkpoint's tensor) for integer tensors
+        merged = set()  # (data_ptr, numel, dtype) already in the plan: tied weights merge once
+        keep = []  # every tensor the plan points into
+        for name in sorted(tensors):
+            t = tensors[name]
+            entries = [ck[name] for ck in checkpoints]
+            if not t.is_floating_point():
+                for i, s in enumerate(entries):
+                    _check_copy_source(s, t, f"checkpoints[{i}][{name!r}]", f"target[{name!r}]")
+                copies.append((t, entries[-1]))
+                continue
+            _check_tensor(t, f"target[{name!r}]")
             for i, s in enumerate(entries):
-                _check_copy_source(s, t, f"checkpoints[{i}][{name!r}]", f"target[{name!r}]")
-            copies.append((t, entries[-1]))
-            continue
-        _check_tensor(t, f"target[{name!r}]")
-        for i, s in enumerate(entries):
-            if not _is_like(s, t):  # the slow path names what is wrong
-                _check_tensor(s, f"checkpoints[{i}][{name!r}]")
-                _check_like(s, t, f"checkpoints[{i}][{name!r}]", f"target[{name!r}]")
-        b = None
-        if base_state is not None:
-            b = base_state[name]
-            _check_tensor(b, f"base[{name!r}]")
-            _check_like(b, t, f"base[{name!r}]", f"target[{name!r}]")
-            if not isinstance(base, int):
-                entries.append(b)  # the -sum(w) * theta_base term
-        key = (t.data_ptr(), t.numel(), t.dtype)
-        if t.numel() and key in merged:
-            continue
-        merged.add(key)
-        if plan is None:
-            plan = _Plan(t.device, len(entries), 1, num_checkpoints=len(checkpoints))
-        elif t.device != plan.device:
-            raise ValueError(f"target[{name!r}] is on {t.device} but other target tensors are on "
-                             f"{plan.device}; merge_into needs one device")
-        plan.add(name, [t], entries, b)
+                if not _is_like(s, t):  # the slow path names what is wrong
+                    _check_tensor(s, f"checkpoints[{i}][{name!r}]")
+                    _check_like(s, t, f"checkpoints[{i}][{name!r}]", f"target[{name!r}]")
+            b = None
+            if base_state is not None:
+                b = base_state[name]
+                _check_tensor(b, f"base[{name!r}]")
+                _check_like(b, t, f"base[{name!r}]", f"target[{name!r}]")
+                if not isinstance(base, int):
+                    entries.append(b)  # the -sum(w) * theta_base term
+            key = (t.data_ptr(), t.numel(), t.dtype)
+            if t.numel() and key in merged:
+                continue
+            merged.add(key)
+            if plan is None:
+                plan = _Plan(t.device, len(entries), 1, num_checkpoints=len(checkpoints))
+            elif t.device != plan.device:
+                raise ValueError(f"target[{name!r}] is on {t.device} but other target tensors "
+                                 f"are on {plan.device}; merge_into needs one device")
+            plan.add(name, [t], entries, b)
+            keep.extend(entries)
+        if plan is not None:
+            plan.finish()
+        self.target = target
+        self._targets = tensors  # name -> tensor object, as planned
+        self._target_ptrs = {k: v.data_ptr() for k, v in tensors.items()}
+        self._plan, self._copies, self._keep = plan, copies, keep
+        self._num_checkpoints = len(checkpoints)
+        self._base_kind = None if base is None else ("index", base) if isinstance(
+            base, int) else ("state", None)
 
-    # theta_b + sum_i w_i (theta_i - theta_b) = theta_b + sum_i w_i theta_i - (sum_i w_i) theta_b:
-    # the base enters once as the engine's base and once as a source weighted -sum(w).
-    if base_state is not None:
-        total = math.fsum(row)
-        if isinstance(base, int):
-            row = list(row)
-            row[base] -= total
-        else:
-            row = list(row) + [-total]
-        _check_float32_finite(row, "coefficients folded with the base (coeffs, -sum(coeffs))")
-    if plan is not None:
-        plan.finish()
-        plan.run([row])
-    for t, src in copies:
-        with torch.no_grad():
-            t.copy_(src)
-    return target
+    def __call__(self, coeffs):
+        """Merge with coeffs (N values) into the target; returns the target."""
+        (row,) = _coeff_rows(coeffs, None, self._num_checkpoints)
+        self._check_target()
+        # theta_b + sum_i w_i (theta_i - theta_b) = theta_b + sum_i w_i theta_i - (sum w) theta_b:
+        # the base enters once as the engine's base and once as a source weighted -sum(w).
+        if self._base_kind is not None:
+            total = math.fsum(row)
+            if self._base_kind[0] == "index":
+                row[self._base_kind[1]] -= total
+            else:
+                row.append(-total)
+            _check_float32_finite(row, "coefficients folded with the base (coeffs, -sum(coeffs))")
+        if self._plan is not None:
+            self._plan.run([row])
+        for t, src in self._copies:
+            with torch.no_grad():
+                t.copy_(src)
+        return self.target
+
+    def _check_target(self) -> None:
+        """A plan writes through pointers: refuse a target whose tensors were replaced or moved
+        (model.to(...), a reassigned parameter) since the plan was built."""
+        if not isinstance(self.target, (torch.nn.Module, Mapping)):
+            return
+        now = _target_tensors(self.target)
+        if now.keys() != self._targets.keys():
+            raise ValueError("the target's tensors changed since this MergePlan was built; "
+                             "build a new one")
+        for name, t in now.items():
+            if t is not self._targets[name] or t.data_ptr() != self._target_ptrs[name]:
+                raise ValueError(f"target[{name!r}] was replaced or moved since this MergePlan "
+                                 "was built; build a new one")
 
 
 def build_info() -> dict:

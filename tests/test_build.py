@@ -16,8 +16,8 @@ LEVELS = ("scalar", "avx2", "avx512")
 
 def test_public_api():
     """lcsc_fast exports exactly the documented names, and they are the engine's functions."""
-    assert set(lcsc_fast.__all__) == {"__version__", "build_info", "merge_into", "weighted_sum",
-                                      "weighted_sum_batched"}
+    assert set(lcsc_fast.__all__) == {"__version__", "MergePlan", "build_info", "merge_into",
+                                      "weighted_sum", "weighted_sum_batched"}
     for name in lcsc_fast.__all__:
         assert hasattr(lcsc_fast, name), name
     for name in ("build_info", "merge_into", "weighted_sum", "weighted_sum_batched"):

@@ -10,6 +10,8 @@ merged module's eval-mode outputs against a fresh module loaded with the referen
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -347,3 +349,59 @@ def test_base_index_and_equivalent_base_dict_agree(checkpoints):
         lcsc_fast.merge_into(b, checkpoints, COEFFS, base=clone_state(checkpoints[i]))
         assert_merged_close(a.state_dict(), checkpoints, COEFFS, i)
         assert_merged_close(b.state_dict(), checkpoints, COEFFS, i)
+
+
+# ---------------------------------------------------------------- MergePlan
+
+@pytest.mark.parametrize("base", [None, 0, "dict"], ids=["base=none", "base=0", "base=dict"])
+def test_plan_calls_equal_merge_into_bitwise(base, checkpoints, pretrained):
+    """A MergePlan built once gives, call after call with new coefficients, the same bits as
+    a fresh merge_into with those coefficients."""
+    base = pretrained if base == "dict" else base
+    planned, fresh = fresh_net("plan"), fresh_net("fresh")
+    plan = lcsc_fast.MergePlan(planned, checkpoints, base=base)
+    g = generator("plan-coeffs")
+    for _ in range(3):
+        coeffs = torch.randn(len(checkpoints), generator=g, dtype=torch.float64).tolist()
+        assert plan(coeffs) is planned
+        lcsc_fast.merge_into(fresh, checkpoints, coeffs, base=base)
+        for name, t in fresh.state_dict().items():
+            assert torch.equal(planned.state_dict()[name], t), name
+
+
+def test_plan_reads_checkpoint_values_at_each_call(checkpoints):
+    """The plan points at the checkpoints' tensors: values changed in place are merged."""
+    net = fresh_net("plan-values")
+    ckpts = [clone_state(c) for c in checkpoints]
+    plan = lcsc_fast.MergePlan(net, ckpts)
+    one_hot = [0.0] * len(ckpts)
+    one_hot[0] = 1.0
+    name = next(k for k, v in ckpts[0].items() if v.is_floating_point())
+    ckpts[0][name].mul_(2)
+    plan(one_hot)
+    assert torch.equal(net.state_dict()[name], ckpts[0][name].to(net.state_dict()[name].dtype))
+
+
+def test_plan_refuses_a_target_whose_tensors_were_replaced(checkpoints):
+    """A parameter reassigned after planning (or a model moved) is refused, not silently
+    missed: the plan would write into the old storage."""
+    net = fresh_net("plan-stale")
+    plan = lcsc_fast.MergePlan(net, checkpoints)
+    name, param = next(iter(net.named_parameters()))
+    module = net.get_submodule(name.rpartition(".")[0])
+    setattr(module, name.rpartition(".")[2], nn.Parameter(param.detach().clone()))
+    with pytest.raises(ValueError, match=rf"target\['{re.escape(name)}'\] was replaced"):
+        plan([1.0 / len(checkpoints)] * len(checkpoints))
+
+
+def test_plan_checks_coefficients_at_each_call(checkpoints):
+    """Coefficients are validated per call like merge_into's; the target stays untouched."""
+    net = fresh_net("plan-coeffs-bad")
+    plan = lcsc_fast.MergePlan(net, checkpoints)
+    before = clone_state(net.state_dict())
+    with pytest.raises(ValueError, match=r"coeffs: 2 coefficients for"):
+        plan([0.5, 0.5])
+    with pytest.raises(ValueError, match=r"coeffs\[1\] is nan"):
+        plan([0.5, float("nan")] + [0.0] * (len(checkpoints) - 2))
+    for name, t in net.state_dict().items():
+        assert torch.equal(before[name], t), name
