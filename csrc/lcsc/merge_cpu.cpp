@@ -79,7 +79,19 @@ int64_t tile_elems(int64_t num_outputs) {
 // back to it, so a file truncated under a mapping costs an exception, not the process. Faults
 // outside a guarded read go to whatever handler was installed before ours (Python's
 // faulthandler, say) or to the default action.
-thread_local sigjmp_buf* t_fault_jump = nullptr;
+// volatile, with signal fences where it is set: the compiler must not drop or move the store
+// around code it believes cannot fault (a memcpy, say).
+thread_local sigjmp_buf* volatile t_fault_jump = nullptr;
+
+inline void arm_fault_guard(sigjmp_buf* jump) {
+  t_fault_jump = jump;
+  std::atomic_signal_fence(std::memory_order_seq_cst);
+}
+
+inline void disarm_fault_guard() {
+  std::atomic_signal_fence(std::memory_order_seq_cst);
+  t_fault_jump = nullptr;
+}
 struct sigaction g_previous_sigbus;
 
 void on_sigbus(int sig, siginfo_t* info, void* context) {
@@ -238,14 +250,14 @@ void merge_cpu(const MergeArgs& a, int num_threads, bool guard_faults) {
         // The tile code holds no resources, so jumping out of it mid-way leaks nothing.
         sigjmp_buf jump;
         if (faulted.load(std::memory_order_relaxed) || sigsetjmp(jump, 0) != 0) {
-          t_fault_jump = nullptr;
+          disarm_fault_guard();
           faulted.store(true);
           continue;
         }
-        t_fault_jump = &jump;
+        arm_fault_guard(&jump);
       }
       run_tile(a, t, begin, std::min(tile, a.numels[t] - begin), acc, tile);
-      t_fault_jump = nullptr;
+      if (guard_faults) disarm_fault_guard();
     }
 #if defined(LCSC_X86_DISPATCH)
     _mm_setcsr(own_csr);
@@ -268,13 +280,13 @@ void copy_regions(void* const* dst, const void* const* src, const int64_t* nbyte
   for (int64_t i = 0; i < count; ++i) {
     sigjmp_buf jump;
     if (faulted.load(std::memory_order_relaxed) || sigsetjmp(jump, 0) != 0) {
-      t_fault_jump = nullptr;
+      disarm_fault_guard();
       faulted.store(true);
       continue;
     }
-    t_fault_jump = &jump;
+    arm_fault_guard(&jump);
     std::memcpy(dst[i], src[i], static_cast<size_t>(nbytes[i]));
-    t_fault_jump = nullptr;
+    disarm_fault_guard();
   }
   if (faulted.load()) {
     throw std::runtime_error(
