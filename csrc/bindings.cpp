@@ -147,6 +147,14 @@ PYBIND11_MODULE(_C, m) {
       },
       "Read nbytes at ptr with num_threads threads; returns a checksum (a bandwidth probe).");
 
+  m.def(
+      "fma_probe",
+      [](int num_threads) {
+        py::gil_scoped_release release;
+        return lcsc::fma_probe(num_threads);
+      },
+      "Float fma lanes/s that num_threads threads sustain at the current SIMD level.");
+
   m.def("build_info", [] {
     py::dict info;
     info["cuda_compiled"] = lcsc::cuda_compiled();

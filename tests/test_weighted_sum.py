@@ -561,3 +561,31 @@ def test_float32_subnormals_are_not_flushed(restore_simd, level):
     out = lcsc_fast.weighted_sum(nan_like(x.shape, torch.float32), [x], [1e-20])
     assert_same_values(out, torch_weighted_sum(torch.float32, [x], [1e-20]))
     assert out[3].item() != 0.0  # 1e-20 * 1e-20 is a float32 subnormal, not zero
+
+
+# ---------------------------------------------------------------- streaming stores
+
+@pytest.mark.parametrize("out_dtype", param("out", MIXED_CYCLE))
+def test_large_outputs_written_with_streaming_stores_match_scalar(restore_simd, out_dtype):
+    """Merges with 64 MiB of outputs or more write them with non-temporal stores where aligned;
+    the bits equal the scalar path's (which never streams), for a misaligned output view and
+    a batch whose outputs cross the threshold only together."""
+    g = generator("streaming", out_dtype)
+    numel = (1 << 25) // out_dtype.itemsize + 13  # >= 32 MiB per output, ragged tail
+    sources = [randn(numel, torch.bfloat16, g), randn(numel, torch.float16, g)]
+    coeffs = [0.75, -0.5]
+    base = randn(numel, torch.float32, g)
+    storages = [torch.empty(numel + 1, dtype=out_dtype) for _ in range(2)]
+    outs = {"aligned": [torch.empty(numel, dtype=out_dtype) for _ in range(2)],
+            "misaligned": [s[1:] for s in storages]}
+    for level in ("auto", "scalar"):
+        lcsc_fast._C.set_simd_level(level)
+        results = {}
+        for kind, o in outs.items():
+            lcsc_fast.weighted_sum_batched(o, sources, [coeffs] * len(o), base=base)
+            results[kind] = [t.clone() for t in o]
+        if level == "auto":
+            fast = results
+    for kind in outs:
+        for a, b in zip(fast[kind], results[kind]):
+            assert_bitwise_equal(a, b, f"{kind}: streaming vs scalar")

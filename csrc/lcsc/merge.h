@@ -66,6 +66,9 @@ const char* simd_levels_available();  // comma-separated
 void copy_regions(void* const* dst, const void* const* src, const int64_t* nbytes, int64_t count,
                   int num_threads);
 
+// Float fma lanes per second that num_threads threads sustain at the current SIMD level.
+double fma_probe(int num_threads);
+
 // Reads nbytes at p with num_threads threads and returns a checksum, so that benchmarks can
 // measure the streaming read bandwidth the merge kernels compete against.
 uint64_t read_probe(const void* p, int64_t nbytes, int num_threads);

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <mutex>
 #include <memory>
@@ -59,6 +60,15 @@ int current_level() {
   return level < 0 ? best_level() : level;
 }
 
+cpu::FmaProbeFn fma_probe_fn(int level) {
+#if defined(LCSC_X86_DISPATCH)
+  if (level == kAvx512) return cpu::avx512_fma_probe();
+  if (level == kAvx2) return cpu::avx2_fma_probe();
+#endif
+  (void)level;
+  return cpu::scalar_fma_probe();
+}
+
 cpu::TileFn tile_fn(int level) {
 #if defined(LCSC_X86_DISPATCH)
   if (level == kAvx512) return cpu::avx512_tile();
@@ -70,6 +80,8 @@ cpu::TileFn tile_fn(int level) {
 
 // Scratch rows of K * tile floats per thread: up to 128 KiB, which stays in L2, and at least
 // 64 elements a row so that wide batches still vectorise.
+constexpr int64_t kStreamingStoreNbytes = int64_t{64} << 20;
+
 int64_t tile_elems(int64_t num_outputs) {
   const int64_t fit = (int64_t{8192} / num_outputs) / 64 * 64;
   return std::clamp<int64_t>(fit, 64, 4096);
@@ -216,7 +228,20 @@ void merge_cpu(const MergeArgs& a, int num_threads, bool guard_faults) {
   if (total == 0) return;
 
   const cpu::TileFn run_tile = tile_fn(current_level());
-  const int threads = static_cast<int>(std::clamp<int64_t>(num_threads, 1, total));
+  // Streaming stores pay off only when the outputs could not stay in cache anyway.
+  int64_t out_nbytes = 0;
+  for (int64_t t = 0; t < T; ++t) out_nbytes += a.numels[t] * dtype_nbytes(a.out_dtypes[t]);
+  const bool stream = out_nbytes * a.num_outputs >= kStreamingStoreNbytes;
+  // A thread per 4 MiB of sources at most: below that, waking a second thread costs more than
+  // it saves, and on a busy machine the barrier waits for whichever thread was descheduled.
+  int64_t source_nbytes = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t i = 0; i < a.num_sources; ++i) {
+      source_nbytes += a.numels[t] * dtype_nbytes(a.src_dtypes[t * a.num_sources + i]);
+    }
+  }
+  const int64_t useful = std::max<int64_t>(1, source_nbytes * a.num_outputs >> 22);
+  const int threads = static_cast<int>(std::clamp<int64_t>(num_threads, 1, std::min(total, useful)));
   const int64_t scratch_floats = a.num_outputs * tile;
   std::unique_ptr<float[]> scratch(new float[scratch_floats * threads]);
   if (guard_faults) install_sigbus_guard();
@@ -256,9 +281,12 @@ void merge_cpu(const MergeArgs& a, int num_threads, bool guard_faults) {
         }
         arm_fault_guard(&jump);
       }
-      run_tile(a, t, begin, std::min(tile, a.numels[t] - begin), acc, tile);
+      run_tile(a, t, begin, std::min(tile, a.numels[t] - begin), acc, tile, stream);
       if (guard_faults) disarm_fault_guard();
     }
+#if defined(LCSC_X86_DISPATCH)
+    if (stream) _mm_sfence();  // order the non-temporal stores before the threads join
+#endif
 #if defined(LCSC_X86_DISPATCH)
     _mm_setcsr(own_csr);
 #endif
@@ -323,6 +351,22 @@ void set_simd_level(const char* name) {
   }
   throw std::invalid_argument(std::string("unknown SIMD level '") + name +
                               "'; use auto, scalar, avx2 or avx512");
+}
+
+double fma_probe(int num_threads) {
+  const cpu::FmaProbeFn probe = fma_probe_fn(current_level());
+  const int threads = std::max(num_threads, 1);
+  constexpr int64_t kIterations = 20'000'000;
+  int64_t lanes = 0;
+  float sink = 0.f;
+  const auto start = std::chrono::steady_clock::now();
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(threads) reduction(+ : lanes, sink)
+#endif
+  lanes += probe(kIterations, &sink);
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return sink == 12345.f ? 0.0 : double(lanes) / seconds;  // sink keeps the work alive
 }
 
 uint64_t read_probe(const void* p, int64_t nbytes, int num_threads) {

@@ -27,10 +27,15 @@ struct Avx2 {
     }
   }
 
-  template <int32_t D>
+  // kStream: a non-temporal store; the caller guarantees the vector-size alignment it needs.
+  template <int32_t D, bool kStream = false>
   static void store(void* p, int64_t i, __m256 v) {
     if constexpr (D == kFloat32) {
-      _mm256_storeu_ps(static_cast<float*>(p) + i, v);
+      if constexpr (kStream) {
+        _mm256_stream_ps(static_cast<float*>(p) + i, v);
+      } else {
+        _mm256_storeu_ps(static_cast<float*>(p) + i, v);
+      }
       return;
     }
     __m128i h;
@@ -48,7 +53,12 @@ struct Avx2 {
       const __m256i r = _mm256_blendv_epi8(rounded, quiet_nan, is_nan);
       h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
     }
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(p) + i), h);
+    auto* dst = reinterpret_cast<__m128i*>(static_cast<uint16_t*>(p) + i);
+    if constexpr (kStream) {
+      _mm_stream_si128(dst, h);
+    } else {
+      _mm_storeu_si128(dst, h);
+    }
   }
 
   static __m256 load_acc(const float* p) { return _mm256_loadu_ps(p); }
@@ -61,3 +71,6 @@ struct Avx2 {
 }  // namespace
 
 lcsc::cpu::TileFn lcsc::cpu::avx2_tile() { return &lcsc_cpu_tile::Tile<Avx2>::run; }
+lcsc::cpu::FmaProbeFn lcsc::cpu::avx2_fma_probe() {
+  return &lcsc_cpu_tile::Tile<Avx2>::fma_probe;
+}

@@ -27,10 +27,15 @@ struct Avx512 {
     }
   }
 
-  template <int32_t D>
+  // kStream: a non-temporal store; the caller guarantees the vector-size alignment it needs.
+  template <int32_t D, bool kStream = false>
   static void store(void* p, int64_t i, __m512 v) {
     if constexpr (D == kFloat32) {
-      _mm512_storeu_ps(static_cast<float*>(p) + i, v);
+      if constexpr (kStream) {
+        _mm512_stream_ps(static_cast<float*>(p) + i, v);
+      } else {
+        _mm512_storeu_ps(static_cast<float*>(p) + i, v);
+      }
       return;
     }
     __m256i h;
@@ -47,7 +52,12 @@ struct Avx512 {
           _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
       h = _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(is_nan, rounded, quiet_nan));
     }
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(p) + i), h);
+    auto* dst = reinterpret_cast<__m256i*>(static_cast<uint16_t*>(p) + i);
+    if constexpr (kStream) {
+      _mm256_stream_si256(dst, h);
+    } else {
+      _mm256_storeu_si256(dst, h);
+    }
   }
 
   static __m512 load_acc(const float* p) { return _mm512_loadu_ps(p); }
@@ -60,3 +70,6 @@ struct Avx512 {
 }  // namespace
 
 lcsc::cpu::TileFn lcsc::cpu::avx512_tile() { return &lcsc_cpu_tile::Tile<Avx512>::run; }
+lcsc::cpu::FmaProbeFn lcsc::cpu::avx512_fma_probe() {
+  return &lcsc_cpu_tile::Tile<Avx512>::fma_probe;
+}

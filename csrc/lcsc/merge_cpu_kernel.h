@@ -23,10 +23,17 @@ namespace lcsc::cpu {
 // One tile: elements [begin, begin + len) of tensor t for every output, with K * tile floats
 // of scratch, rows `stride` floats apart.
 using TileFn = void (*)(const MergeArgs&, int64_t t, int64_t begin, int64_t len, float* acc,
-                        int64_t stride);
+                        int64_t stride, bool stream);
 TileFn scalar_tile();
 TileFn avx2_tile();    // x86-64 builds only
 TileFn avx512_tile();  // x86-64 builds only
+
+// Runs `iterations` rounds of 12 independent fma chains; returns the float lanes computed.
+// The compute ceiling a batched merge (K fmas per source element) runs into.
+using FmaProbeFn = int64_t (*)(int64_t iterations, float* sink);
+FmaProbeFn scalar_fma_probe();
+FmaProbeFn avx2_fma_probe();
+FmaProbeFn avx512_fma_probe();
 
 }  // namespace lcsc::cpu
 
@@ -136,11 +143,21 @@ struct Tile {
 
   // outs[k][begin + j] = round(base[begin + j] + acc[k][j]); the base is read once per element
   // before any output is written, so an output may alias the base.
+  // stream: outputs are written with non-temporal stores where aligned, which skips reading
+  // each output line into the cache before overwriting it (a third of the memory traffic of a
+  // batch of fp32 outputs). Only for merges too large to stay in cache anyway.
   template <int32_t OD, int32_t BD>
   static void finish(const MergeArgs& a, int64_t t, int64_t begin, int64_t len,
-                     const float* acc, int64_t stride) {
+                     const float* acc, int64_t stride, bool stream) {
     const int64_t K = a.num_outputs, T = a.num_tensors;
     const void* base = a.bases[t];
+    if (stream) {
+      const int64_t bytes = W * lcsc::dtype_nbytes(OD);
+      for (int64_t k = 0; k < K && stream; ++k) {
+        const auto p = reinterpret_cast<uintptr_t>(a.outs[k * T + t]) + begin * (bytes / W);
+        stream = p % bytes == 0;
+      }
+    }
     int64_t j = 0;
     for (; j + W <= len; j += W) {
       Reg b{};
@@ -148,7 +165,11 @@ struct Tile {
       for (int64_t k = 0; k < K; ++k) {
         Reg r = V::load_acc(acc + k * stride + j);
         if constexpr (BD != kNoBase) r = V::add(r, b);
-        V::template store<OD>(a.outs[k * T + t], begin + j, r);
+        if (stream) {
+          V::template store<OD, true>(a.outs[k * T + t], begin + j, r);
+        } else {
+          V::template store<OD>(a.outs[k * T + t], begin + j, r);
+        }
       }
     }
     for (; j < len; ++j) {
@@ -164,18 +185,34 @@ struct Tile {
 
   template <int32_t OD>
   static void finish_out(const MergeArgs& a, int64_t t, int64_t begin, int64_t len,
-                         const float* acc, int64_t stride) {
-    if (a.bases[t] == nullptr) return finish<OD, kNoBase>(a, t, begin, len, acc, stride);
+                         const float* acc, int64_t stride, bool stream) {
+    if (a.bases[t] == nullptr) return finish<OD, kNoBase>(a, t, begin, len, acc, stride, stream);
     switch (a.base_dtypes[t]) {
-      case kFloat16: return finish<OD, kFloat16>(a, t, begin, len, acc, stride);
-      case kBFloat16: return finish<OD, kBFloat16>(a, t, begin, len, acc, stride);
-      default: return finish<OD, kFloat32>(a, t, begin, len, acc, stride);
+      case kFloat16: return finish<OD, kFloat16>(a, t, begin, len, acc, stride, stream);
+      case kBFloat16: return finish<OD, kBFloat16>(a, t, begin, len, acc, stride, stream);
+      default: return finish<OD, kFloat32>(a, t, begin, len, acc, stride, stream);
     }
+  }
+
+  static int64_t fma_probe(int64_t iterations, float* sink) {
+    constexpr int kChains = 12;  // enough independent chains to cover the fma latency
+    Reg a[kChains];
+    for (int i = 0; i < kChains; ++i) a[i] = V::broadcast(float(i));
+    const Reg c = V::broadcast(0.999f), x = V::broadcast(1e-3f);
+    for (int64_t r = 0; r < iterations; ++r) {
+      for (int i = 0; i < kChains; ++i) a[i] = V::fma(c, a[i], x);
+    }
+    float buf[64];
+    for (int i = 0; i < kChains; ++i) {
+      V::store_acc(buf, a[i]);
+      *sink += buf[0];
+    }
+    return iterations * kChains * W;
   }
 
   // Elements [begin, begin + len) of tensor t, every output; acc is K * tile floats of scratch.
   static void run(const MergeArgs& a, int64_t t, int64_t begin, int64_t len, float* acc,
-                  int64_t stride) {
+                  int64_t stride, bool stream) {
     const int64_t N = a.num_sources, K = a.num_outputs;
     for (int64_t k = 0; k < K; ++k) std::fill_n(acc + k * stride, len, 0.f);
     const void* const* src = a.srcs + t * N;
@@ -193,9 +230,9 @@ struct Tile {
       group<1>(src + i, dtypes + i, a.coeffs + i, N, K, begin, len, acc, stride, next_count(i + 1));
     }
     switch (a.out_dtypes[t]) {
-      case kFloat16: return finish_out<kFloat16>(a, t, begin, len, acc, stride);
-      case kBFloat16: return finish_out<kBFloat16>(a, t, begin, len, acc, stride);
-      default: return finish_out<kFloat32>(a, t, begin, len, acc, stride);
+      case kFloat16: return finish_out<kFloat16>(a, t, begin, len, acc, stride, stream);
+      case kBFloat16: return finish_out<kBFloat16>(a, t, begin, len, acc, stride, stream);
+      default: return finish_out<kFloat32>(a, t, begin, len, acc, stride, stream);
     }
   }
 };

@@ -10,7 +10,7 @@ struct Scalar {
   static constexpr bool kPairs = false;
   template <int32_t D>
   static float load(const void* p, int64_t i) { return lcsc::load_as_float(p, i, D); }
-  template <int32_t D>
+  template <int32_t D, bool kStream = false>
   static void store(void* p, int64_t i, float v) { lcsc::store_from_float(p, i, D, v); }
   static float load_acc(const float* p) { return *p; }
   static void store_acc(float* p, float v) { *p = v; }
@@ -22,3 +22,6 @@ struct Scalar {
 }  // namespace
 
 lcsc::cpu::TileFn lcsc::cpu::scalar_tile() { return &lcsc_cpu_tile::Tile<Scalar>::run; }
+lcsc::cpu::FmaProbeFn lcsc::cpu::scalar_fma_probe() {
+  return &lcsc_cpu_tile::Tile<Scalar>::fma_probe;
+}
