@@ -87,7 +87,27 @@ struct Tile {
         prefetch_next(j);
         Reg s0[G], s1[G];
         for (int u = 0; u < G; ++u) s0[u] = load(u, j), s1[u] = load(u, j + W);
-        for (int64_t k = 0; k < K; ++k) {
+        int64_t k = 0;
+        for (; k + 2 <= K; k += 2) {  // two outputs interleaved: four independent fma chains
+          float* a = acc + k * stride + j;
+          float* b = a + stride;
+          const float* ca = coeffs + k * N;
+          const float* cb = ca + N;
+          Reg r0 = V::load_acc(a), r1 = V::load_acc(a + W);
+          Reg r2 = V::load_acc(b), r3 = V::load_acc(b + W);
+          for (int u = 0; u < G; ++u) {
+            const Reg cu = V::broadcast(ca[u]), cv = V::broadcast(cb[u]);
+            r0 = V::fma(cu, s0[u], r0);
+            r1 = V::fma(cu, s1[u], r1);
+            r2 = V::fma(cv, s0[u], r2);
+            r3 = V::fma(cv, s1[u], r3);
+          }
+          V::store_acc(a, r0);
+          V::store_acc(a + W, r1);
+          V::store_acc(b, r2);
+          V::store_acc(b + W, r3);
+        }
+        for (; k < K; ++k) {
           float* a = acc + k * stride + j;
           const float* c = coeffs + k * N;
           Reg r0 = V::load_acc(a), r1 = V::load_acc(a + W);
