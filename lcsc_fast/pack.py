@@ -1,0 +1,258 @@
+"""The packed store: a trajectory laid out for merging.
+
+    <dir>/manifest.json      steps, base index, delta dtype, block size, tensors, SHA-256 per file
+    <dir>/base.safetensors   the base checkpoint theta_p, whole, in its own precision
+    <dir>/integers.safetensors  every checkpoint's integer tensors (step counters), keyed
+                             "<index>/<name>"; small
+    <dir>/deltas.bin         delta_i = theta_i - theta_p for every checkpoint i != p, in the delta
+                             dtype (bf16 halves an fp32 run), block-interleaved: for each float
+                             tensor in manifest order, for each block of `block_elems` elements,
+                             the N - 1 deltas of that block one after another
+
+The interleaving puts everything one block of a merge needs in one contiguous run of bytes, so
+a merge streams deltas.bin front to back: from disk when it is larger than memory, or as a few
+large copies to a GPU. A store is written under <dir>.partial and renamed into place when
+complete, so a <dir> that exists is whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from .safetensors_io import (DTYPE_NAMES, SAFETENSORS_DTYPES, CheckpointError, MappedFile,
+                             read_header)
+from .trajectory import PACKED_FORMAT, Trajectory, _element_size, _engine_code, _Segments
+
+__all__ = ["pack"]
+
+_DELTA_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+                 torch.bfloat16: torch.bfloat16, torch.float16: torch.float16,
+                 torch.float32: torch.float32}
+_STAGE_NBYTES = 64 * 2**20  # deltas computed this many bytes at a time
+
+
+def pack(traj, out_dir, dtype="bf16", base: int = 0, block_elems: int = 65536) -> str:
+    """Write a packed store of traj (a Trajectory or anything Trajectory.open takes) to out_dir.
+
+    dtype: the deltas' dtype ("bf16", "fp16", "fp32"); base: the checkpoint index kept whole.
+    Merges from the store equal merges from the checkpoints up to the rounding of each delta to
+    dtype. Returns out_dir.
+    """
+    if not isinstance(traj, Trajectory):
+        traj = Trajectory.open(traj)
+    if traj.kind != "checkpoints":
+        raise ValueError("pack: the trajectory is already packed")
+    if dtype not in _DELTA_DTYPES:
+        raise ValueError(f"pack: dtype {dtype!r} is not one of bf16, fp16, fp32")
+    delta_dtype = _DELTA_DTYPES[dtype]
+    n = len(traj)
+    if isinstance(base, bool) or not isinstance(base, int) or not -n <= base < n:
+        raise ValueError(f"pack: base must be a checkpoint index in [-{n}, {n})")
+    base %= n
+    if block_elems < 1:
+        raise ValueError("pack: block_elems must be positive")
+    out_dir = os.fspath(out_dir)
+    if os.path.exists(out_dir) and os.listdir(out_dir):
+        raise FileExistsError(f"pack: {out_dir} exists and is not empty; choose a new directory")
+    partial = out_dir.rstrip("/") + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+
+    base_ckpt = traj[base]
+    float_names = traj._float_names
+    save_file({k: v.contiguous() for k, v in base_ckpt.items()},
+              os.path.join(partial, "base.safetensors"),
+              metadata={"format": PACKED_FORMAT})  # one key: safetensors orders keys by hash
+    integers = {f"{i}/{name}": traj._files[f].tensor(entry)
+                for i in range(n) for name, (f, entry) in traj._checkpoints[i].items()
+                if name in traj._int_entries}
+    save_file(integers, os.path.join(partial, "integers.safetensors"),
+              metadata={"format": PACKED_FORMAT})
+
+    others = [i for i in range(n) if i != base]
+    esize = _element_size(delta_dtype)
+    digest = hashlib.sha256()
+    with open(os.path.join(partial, "deltas.bin"), "wb") as f:
+        for name in float_names:
+            theta_p = base_ckpt[name].reshape(-1).float()
+            numel = theta_p.numel()
+            # Whole blocks per stage, so that stages concatenate into the block layout.
+            per_stage = max(1, _STAGE_NBYTES // max(1, len(others) * esize * block_elems))
+            for lo in range(0, numel if others else 0, per_stage * block_elems):
+                hi = min(numel, lo + per_stage * block_elems)
+                deltas = torch.stack([_elements(traj, i, name, lo, hi) - theta_p[lo:hi]
+                                      for i in others]).to(delta_dtype)  # [N-1, hi-lo]
+                for b in range(lo, hi, block_elems):
+                    block = deltas[:, b - lo:min(hi, b + block_elems) - lo].contiguous()
+                    data = block.view(torch.uint8).numpy().tobytes() if block.numel() else b""
+                    f.write(data)
+                    digest.update(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+    files = {"base.safetensors": _file_record(os.path.join(partial, "base.safetensors")),
+             "integers.safetensors": _file_record(os.path.join(partial, "integers.safetensors")),
+             "deltas.bin": {"nbytes": os.path.getsize(os.path.join(partial, "deltas.bin")),
+                            "sha256": digest.hexdigest()}}
+    manifest = {
+        "format": PACKED_FORMAT, "version": 1, "steps": list(traj.steps), "base_index": base,
+        "delta_dtype": DTYPE_NAMES[delta_dtype], "block_elems": block_elems,
+        "tensors": [{"name": k, "shape": list(traj.shapes[k]), "dtype": DTYPE_NAMES[
+            base_ckpt[k].dtype]} for k in float_names],
+        "files": files,
+    }
+    with open(os.path.join(partial, "manifest.json"), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(partial)
+    if os.path.exists(out_dir):
+        os.rmdir(out_dir)  # empty, checked above
+    os.replace(partial, out_dir)
+    _fsync_dir(os.path.dirname(os.path.abspath(out_dir)))
+    return out_dir
+
+
+def _elements(traj: Trajectory, i: int, name: str, lo: int, hi: int) -> torch.Tensor:
+    """Elements [lo, hi) of tensor name in checkpoint i, as float32 (a guarded copy)."""
+    f, entry = traj._checkpoints[i][name]
+    size = _element_size(entry.dtype)
+    return traj._files[f].read(entry.begin + lo * size, (hi - lo) * size).view(
+        entry.dtype).float()
+
+
+def _file_record(path: str) -> dict:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**22), b""):
+            digest.update(block)
+    return {"nbytes": os.path.getsize(path), "sha256": digest.hexdigest()}
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def open_packed(cls, path: str, manifest: dict, verify: bool = False) -> Trajectory:
+    """Trajectory.open for a packed store (called by it)."""
+    where = os.path.join(path, "manifest.json")
+    try:
+        steps = [int(s) for s in manifest["steps"]]
+        p = int(manifest["base_index"])
+        delta_dtype = SAFETENSORS_DTYPES[manifest["delta_dtype"]]
+        block = int(manifest["block_elems"])
+        tensors = [(str(t["name"]), tuple(int(d) for d in t["shape"]),
+                    SAFETENSORS_DTYPES[t["dtype"]]) for t in manifest["tensors"]]
+        files = {name: (int(rec["nbytes"]), str(rec["sha256"]))
+                 for name, rec in manifest["files"].items()}
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: not a valid packed-store manifest ({e!r})") from None
+    n = len(steps)
+    if n < 1 or not 0 <= p < n or block < 1 or delta_dtype not in (
+            torch.float32, torch.float16, torch.bfloat16):
+        raise CheckpointError(f"{where}: inconsistent steps, base_index, block_elems or "
+                              "delta_dtype")
+    for name in ("base.safetensors", "integers.safetensors", "deltas.bin"):
+        if name not in files:
+            raise CheckpointError(f"{where}: lists no {name}")
+        file = os.path.join(path, name)
+        size = os.path.getsize(file) if os.path.exists(file) else None
+        if size != files[name][0]:
+            what = "is missing" if size is None else f"has {size} bytes"
+            raise CheckpointError(f"{file} {what}, but the manifest lists {files[name][0]} bytes")
+        if verify and _file_record(file)["sha256"] != files[name][1]:
+            raise CheckpointError(f"{file}: SHA-256 differs from the manifest's; the file is "
+                                  "corrupted")
+
+    header = read_header(os.path.join(path, "base.safetensors"))
+    float_names = [name for name, _, _ in tensors]
+    shapes, dtypes = {}, {}
+    for name, shape, dtype in tensors:
+        entry = header.entries.get(name)
+        if entry is None or entry.shape != shape or entry.dtype != dtype:
+            raise CheckpointError(f"{header.path}: tensor {name!r} is missing or differs from "
+                                  "the manifest")
+        shapes[name], dtypes[name] = shape, dtype
+    integers = read_header(os.path.join(path, "integers.safetensors"))
+    int_entries, int_by_checkpoint = {}, [dict() for _ in range(n)]
+    for key, entry in integers.entries.items():
+        index, _, name = key.partition("/")
+        if not index.isdigit() or not 0 <= int(index) < n or name in shapes:
+            raise CheckpointError(f"{integers.path}: unexpected tensor {key!r}")
+        int_by_checkpoint[int(index)][name] = (2, entry)
+    for name, entry in header.entries.items():
+        if name not in shapes:
+            if name not in int_by_checkpoint[n - 1]:
+                raise CheckpointError(f"{integers.path}: tensor {name!r} of the last checkpoint "
+                                      "is missing")
+            int_entries[name] = int_by_checkpoint[n - 1][name]
+            shapes[name], dtypes[name] = entry.shape, entry.dtype
+
+    esize = _element_size(delta_dtype)
+    delta_nbytes = sum(math.prod(s) for _, s, _ in tensors) * (n - 1) * esize
+    if delta_nbytes != files["deltas.bin"][0]:
+        raise CheckpointError(f"{os.path.join(path, 'deltas.bin')}: {files['deltas.bin'][0]} "
+                              f"bytes, but the manifest's tensors need {delta_nbytes}")
+
+    # Segments: one per block; columns: the N - 1 deltas (file 1), then theta_p (file 0).
+    parts, region = [], 0
+    for j, (name, shape, dtype) in enumerate(tensors):
+        numel = math.prod(shape)
+        starts = np.arange(0, numel, block, dtype=np.int64)
+        lens = np.minimum(block, numel - starts)
+        block_offset = region + (n - 1) * starts * esize
+        delta_offsets = block_offset[:, None] + np.arange(n - 1)[None, :] * (lens * esize)[:, None]
+        base_entry = header.entries[name]
+        base_offsets = base_entry.begin + starts * _element_size(dtype)
+        parts.append((np.full(len(starts), j), starts, lens, delta_offsets, base_offsets,
+                      _engine_code(dtype)))
+        region += (n - 1) * numel * esize
+    S = sum(len(part[1]) for part in parts)
+    file = np.zeros((S, n), dtype=np.int64)
+    file[:, : n - 1] = 1
+    offset = np.zeros((S, n), dtype=np.int64)
+    dtype_codes = np.full((S, n), _engine_code(delta_dtype), dtype=np.int32)
+    row = 0
+    for _, starts, _, delta_offsets, base_offsets, code in parts:
+        rows = slice(row, row + len(starts))
+        offset[rows, : n - 1] = delta_offsets
+        offset[rows, n - 1] = base_offsets
+        dtype_codes[rows, n - 1] = code
+        row += len(starts)
+    tensor = np.concatenate([part[0] for part in parts]) if parts else np.zeros(0, np.int64)
+    start = np.concatenate([part[1] for part in parts]) if parts else np.zeros(0, np.int64)
+    numel = np.concatenate([part[2] for part in parts]) if parts else np.zeros(0, np.int64)
+    base_size = np.array([_element_size(d) for _, _, d in tensors], dtype=np.int64)
+    nbytes = numel * ((n - 1) * esize + base_size[tensor]) if parts else numel
+    segments = _Segments(tensor.astype(np.int64), start, numel, file, offset, dtype_codes,
+                         nbytes)
+    mapped = [MappedFile(header.path, header.file_nbytes),
+              MappedFile(os.path.join(path, "deltas.bin"), files["deltas.bin"][0]),
+              MappedFile(integers.path, integers.file_nbytes)]
+    return cls(kind="packed", files=mapped, headers=[header, integers],
+               checkpoints=int_by_checkpoint, steps=steps,
+               float_names=float_names, shapes=shapes, dtypes=dtypes, int_entries=int_entries,
+               segments=segments, packed_base=p)
+
+
+def packed_checkpoint(traj: Trajectory, i: int) -> dict:
+    """Checkpoint i of a packed store: theta_p + delta_i (a one-hot merge) and its own integer
+    tensors."""
+    one_hot = [0.0] * len(traj)
+    one_hot[i] = 1.0
+    merged = traj.merge(one_hot)
+    for name, (f, entry) in traj._checkpoints[i].items():
+        merged[name] = traj._files[f].tensor(entry)
+    return merged

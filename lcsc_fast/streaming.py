@@ -1,0 +1,73 @@
+"""Merging from mapped files into another device's memory, through staging buffers.
+
+Chunks of segments (about CHUNK_NBYTES of source bytes each) are gathered from the mapped files
+into pinned host memory by the native engine (in parallel, a truncated file raising instead of
+faulting), copied to the device on a side stream, and merged there on the current stream. Two
+chunks are in flight: while chunk k is merged, chunk k + 1 is gathered and copied.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import _C
+from .trajectory import _chunks
+
+__all__ = ["merge_staged"]
+
+CHUNK_NBYTES = 64 * 2**20
+_ALIGN = 16  # staged regions start 16-byte aligned, so the CUDA kernel uses vector loads
+
+
+def merge_staged(traj, targets, device, columns, base_column, extra,
+                 chunk_nbytes: int = CHUNK_NBYTES, rows: np.ndarray | None = None) -> None:
+    """Merge traj's segments `rows` (indices; default all) into targets on device (cuda; cpu
+    works too and is what the tests without a GPU exercise) through staging buffers."""
+    seg = traj._segments
+    if rows is None:
+        rows = np.arange(len(seg.numel))
+    on_cuda = device.type == "cuda"
+    element_size = np.where(seg.dtype[rows] == 0, 4, 2).astype(np.int64)  # engine dtype codes
+    region = seg.numel[rows, None] * element_size  # [R, M] bytes of each source run
+    padded = (region + _ALIGN - 1) // _ALIGN * _ALIGN
+    src_addr = traj._addresses()[seg.file[rows]] + seg.offset[rows].astype(np.uint64)
+    chunks = _chunks(padded.sum(axis=1), chunk_nbytes)
+    if not chunks:
+        return
+    capacity = max(int(padded[lo:hi].sum()) for lo, hi in chunks)
+    pinned = [torch.empty(capacity, dtype=torch.uint8, pin_memory=on_cuda) for _ in range(2)]
+    staged = ([torch.empty(capacity, dtype=torch.uint8, device=device) for _ in range(2)]
+              if on_cuda else pinned)
+    compute = torch.cuda.current_stream(device) if on_cuda else None
+    copier = torch.cuda.Stream(device) if on_cuda else None
+    copied, merged = [None, None], [None, None]
+    threads = torch.get_num_threads()
+    try:
+        for k, (lo, hi) in enumerate(chunks):
+            slot = k % 2
+            if copied[slot] is not None:
+                copied[slot].synchronize()  # pinned[slot]'s previous copy has left it
+            sizes = padded[lo:hi].reshape(-1)
+            offsets = (np.cumsum(sizes) - sizes).astype(np.uint64)  # [R * M], row-major
+            _C.copy_regions(pinned[slot].data_ptr() + offsets, src_addr[lo:hi].reshape(-1),
+                            np.ascontiguousarray(region[lo:hi].reshape(-1)), threads)
+            if on_cuda:
+                total = int(sizes.sum())
+                with torch.cuda.stream(copier):
+                    if merged[slot] is not None:
+                        copier.wait_event(merged[slot])  # staged[slot] is no longer read
+                    staged[slot][:total].copy_(pinned[slot][:total], non_blocking=True)
+                    copied[slot] = torch.cuda.Event()
+                    copied[slot].record(copier)
+                compute.wait_event(copied[slot])
+            src = (staged[slot].data_ptr() + offsets).reshape(hi - lo, -1)
+            plan = traj._plan(rows[lo:hi], src, targets, device, base_column, extra)
+            plan.run([columns])
+            if on_cuda:
+                merged[slot] = torch.cuda.Event()
+                merged[slot].record(compute)
+    finally:
+        for event in copied:
+            if event is not None:
+                event.synchronize()  # pinned memory must outlive the copies reading it

@@ -1,0 +1,504 @@
+"""Trajectories: the saved checkpoints of one training run, merged straight from mapped files.
+
+A Trajectory is opened from a Recorder directory, a packed store (lcsc_fast.pack), a list of
+.safetensors files, or a list of sharded checkpoints (model.safetensors.index.json). Opening reads
+and checks headers only. Merging reads tensor data where it lies, in the page cache through
+read-only memory maps, with the fused engine; nothing is loaded whole.
+
+Internally every trajectory compiles, once, into a segment table: a segment is a run of elements
+of one tensor, and for each source column (a checkpoint, a packed delta, the packed base) the
+table holds the file, byte offset and dtype where that run lies. A merge turns the table into
+the engine's pointer tables with a few vectorised operations, so its cost in Python does not
+grow with the number of checkpoints times tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import _C, engine
+from .safetensors_io import (DTYPE_NAMES, SAFETENSORS_DTYPES, CheckpointError, Header,
+                             MappedFile, TensorEntry, read_header)
+
+__all__ = ["Trajectory"]
+
+_MERGEABLE = (torch.float32, torch.float16, torch.bfloat16)
+RECORDER_FORMAT = "lcsc_fast.trajectory"
+PACKED_FORMAT = "lcsc_fast.packed"
+# Work is handed to the engine in chunks of about this many source bytes, so that the next
+# chunk's pages can be asked for (readahead) while this one is merged.
+CHUNK_NBYTES = 256 * 2**20
+
+
+@dataclass
+class _Segments:
+    """Runs of elements and where each source column holds them. [S] or [S, M] arrays."""
+
+    tensor: np.ndarray  # [S] index into Trajectory._float_names
+    start: np.ndarray  # [S] first element within the tensor
+    numel: np.ndarray  # [S]
+    file: np.ndarray  # [S, M] index into Trajectory._files
+    offset: np.ndarray  # [S, M] byte offset within that file
+    dtype: np.ndarray  # [S, M] engine dtype code
+    nbytes: np.ndarray  # [S] source bytes of the segment over all columns
+
+
+def _engine_code(dtype: torch.dtype) -> int:
+    return engine._DTYPE_CODES[dtype]
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class Trajectory(Sequence):
+    """The checkpoints of one run. len(traj) checkpoints; traj[i] is checkpoint i as a dict of
+    tensors (copied out of the file: for inspection, not for merging)."""
+
+    def __init__(self, *, kind, files, headers, checkpoints, steps, float_names, shapes,
+                 dtypes, int_entries, segments, packed_base=None):
+        self.kind = kind  # "checkpoints" or "packed"
+        self._headers = headers  # [F] Header
+        self._files = files  # [F] MappedFile, or resident tensors after .to()
+        self._checkpoints = checkpoints  # [N] name -> (file index, TensorEntry); packed: integers only
+        self.steps = steps
+        self._float_names = float_names
+        self.shapes = shapes  # name -> shape, every tensor
+        self.dtypes = dtypes  # name -> dtype of the checkpoints' tensors
+        self._int_entries = int_entries  # name -> (file index, TensorEntry) of the last checkpoint
+        self._segments = segments
+        self._packed_base = packed_base  # packed: index of the base checkpoint
+        self._resident = None  # after .to(): (device, [F] address) of resident copies
+        self._resident_buffers = None
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    def open(cls, source, *, verify: bool = False) -> "Trajectory":
+        """Open a Recorder directory, a packed store, a list of .safetensors files, or a list of
+        sharded checkpoints (each a model.safetensors.index.json, or a directory holding one).
+
+        Headers are read and checked; tensor data is not read, except with verify=True on a
+        packed store, which checks every file's SHA-256 against the manifest.
+        """
+        if isinstance(source, (str, os.PathLike)):
+            path = os.fspath(source)
+            manifest_path = os.path.join(path, "manifest.json")
+            if os.path.isdir(path) and os.path.exists(manifest_path):
+                manifest = _read_json(manifest_path)
+                fmt = manifest.get("format") if isinstance(manifest, dict) else None
+                if fmt == RECORDER_FORMAT:
+                    return cls._open_recorded(path, manifest)
+                if fmt == PACKED_FORMAT:
+                    from .pack import open_packed
+
+                    return open_packed(cls, path, manifest, verify=verify)
+                raise CheckpointError(f"{manifest_path}: unknown format {fmt!r}; expected "
+                                      f"{RECORDER_FORMAT!r} or {PACKED_FORMAT!r}")
+            if os.path.isdir(path):
+                raise CheckpointError(f"{path}: no manifest.json here; pass a Recorder directory, "
+                                      "a packed store, or a list of checkpoint files")
+            source = [path]
+        if not isinstance(source, Sequence) or isinstance(source, (str, bytes)) or not source:
+            raise TypeError("Trajectory.open: expected a directory or a non-empty list of "
+                            "checkpoint paths")
+        checkpoints = [_checkpoint_files(os.fspath(p)) for p in source]
+        return cls._from_checkpoints(checkpoints, steps=list(range(len(checkpoints))))
+
+    @classmethod
+    def _open_recorded(cls, path: str, manifest: dict) -> "Trajectory":
+        snapshots = manifest.get("snapshots")
+        if not isinstance(snapshots, list) or not snapshots:
+            raise CheckpointError(f"{path}/manifest.json lists no snapshots")
+        files, steps = [], []
+        for k, snap in enumerate(snapshots):
+            try:
+                step, name, nbytes = int(snap["step"]), str(snap["file"]), int(snap["nbytes"])
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{path}/manifest.json: snapshot {k} needs step, file and "
+                                      "nbytes") from None
+            file = os.path.join(path, name)
+            size = os.path.getsize(file) if os.path.exists(file) else None
+            if size != nbytes:
+                what = "is missing" if size is None else f"has {size} bytes"
+                raise CheckpointError(f"{file} {what}, but the manifest lists {nbytes} bytes "
+                                      "(a deleted or damaged snapshot)")
+            files.append([file])
+            steps.append(step)
+        return cls._from_checkpoints(files, steps=steps)
+
+    @classmethod
+    def _from_checkpoints(cls, checkpoints: list[list[str]], steps: list[int]) -> "Trajectory":
+        """checkpoints: per checkpoint, the files (shards) that together hold it."""
+        headers, file_index = [], {}
+        per_checkpoint = []
+        for files in checkpoints:
+            entries = {}
+            for path in files:
+                if path not in file_index:
+                    file_index[path] = len(headers)
+                    headers.append(read_header(path))
+                header = headers[file_index[path]]
+                for name, entry in header.entries.items():
+                    if name in entries:
+                        raise CheckpointError(f"{path}: tensor {name!r} is also in "
+                                              f"{headers[entries[name][0]].path}")
+                    entries[name] = (file_index[path], entry)
+            per_checkpoint.append(entries)
+
+        first, first_path = per_checkpoint[0], checkpoints[0][0]
+        for k, entries in enumerate(per_checkpoint[1:], start=1):
+            _check_same_tensors(first, entries, first_path, checkpoints[k][0])
+        float_names, shapes, dtypes = [], {}, {}
+        for name in sorted(first):
+            entry = per_checkpoint[-1][name][1]
+            shapes[name], dtypes[name] = entry.shape, entry.dtype
+            if entry.dtype.is_floating_point:
+                for k, entries in enumerate(per_checkpoint):
+                    if entries[name][1].dtype not in _MERGEABLE:
+                        raise CheckpointError(f"{headers[entries[name][0]].path}: tensor "
+                                              f"{name!r} is {entries[name][1].dtype}; merges "
+                                              "need float32, float16 or bfloat16")
+                float_names.append(name)
+        int_entries = {n: per_checkpoint[-1][n] for n in first if n not in float_names}
+
+        # One segment per tensor; source column k is checkpoint k.
+        S, M = len(float_names), len(per_checkpoint)
+        file = np.zeros((S, M), dtype=np.int64)
+        offset = np.zeros((S, M), dtype=np.int64)
+        dtype = np.zeros((S, M), dtype=np.int32)
+        nbytes = np.zeros(S, dtype=np.int64)
+        for s, name in enumerate(float_names):
+            for k, entries in enumerate(per_checkpoint):
+                f, entry = entries[name]
+                file[s, k], offset[s, k], dtype[s, k] = f, entry.begin, _engine_code(entry.dtype)
+                nbytes[s] += entry.nbytes
+        segments = _Segments(np.arange(S, dtype=np.int64), np.zeros(S, dtype=np.int64),
+                             np.array([math.prod(shapes[n]) for n in float_names],
+                                      dtype=np.int64).reshape(S), file, offset, dtype, nbytes)
+        files = [MappedFile(h.path, h.file_nbytes) for h in headers]
+        return cls(kind="checkpoints", files=files, headers=headers, checkpoints=per_checkpoint,
+                   steps=steps, float_names=float_names, shapes=shapes, dtypes=dtypes,
+                   int_entries=int_entries, segments=segments)
+
+    # ------------------------------------------------------------------ inspection
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __getitem__(self, i):
+        """Checkpoint i as a dict of tensors copied out of the files."""
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"checkpoint index {i} is out of range for {n} checkpoints")
+        i %= n
+        if self.kind == "packed":
+            from .pack import packed_checkpoint
+
+            return packed_checkpoint(self, i)
+        return {name: self._files[f].tensor(entry)
+                for name, (f, entry) in self._checkpoints[i].items()}
+
+    def __repr__(self) -> str:
+        return (f"Trajectory({self.kind}, {len(self)} checkpoints, steps {self.steps[0]}.."
+                f"{self.steps[-1]}, {len(self.shapes)} tensors)")
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------------ merging
+
+    def merge(self, coeffs, base=None, device="cpu", dtype: torch.dtype | None = None) -> dict:
+        """The merged checkpoint as a new dict name -> tensor on device.
+
+        Floating-point tensors get dtype (default: the checkpoints' own dtype), the others are the
+        last checkpoint's. Same coefficients and base as lcsc_fast.merge_into.
+        """
+        device = torch.device(device)
+        out = {}
+        for name in self.names:
+            d = self.dtypes[name]
+            if d.is_floating_point and dtype is not None:
+                d = dtype
+            out[name] = torch.empty(self.shapes[name], dtype=d, device=device)
+        self._lcsc_merge_into(out, coeffs, base)
+        return out
+
+    def _lcsc_merge_into(self, target, coeffs, base=None):
+        """lcsc_fast.merge_into(target, traj, coeffs, base) lands here."""
+        tensors = engine._target_tensors(target)
+        # Integer tensors the trajectory does not hold (a Recorder snapshots floating-point
+        # tensors only, so BatchNorm's num_batches_tracked is not there) are left as they are.
+        held = {k: v for k, v in tensors.items() if k in self.shapes or v.is_floating_point()}
+        engine._check_names(set(self.shapes), held, "the target")
+        (weights,) = engine._coeff_rows(coeffs, None, len(self))
+        targets = []
+        device = None
+        planned = set()  # (data_ptr, numel, dtype): a tied weight is merged under its first name
+        skip = []  # float-name indices merged already under another name
+        for k, name in enumerate(self._float_names):
+            t = tensors[name]
+            engine._check_tensor(t, f"target[{name!r}]")
+            if tuple(t.shape) != self.shapes[name]:
+                raise ValueError(f"target[{name!r}]: shape {tuple(t.shape)} differs from the "
+                                 f"trajectory's {self.shapes[name]}")
+            if device is None:
+                device = t.device
+            elif t.device != device:
+                raise ValueError(f"target[{name!r}] is on {t.device} but other target tensors "
+                                 f"are on {device}; merge_into needs one device")
+            key = (t.data_ptr(), t.numel(), t.dtype)
+            if t.numel() and key in planned:
+                skip.append(k)
+            planned.add(key)
+            targets.append(t)
+        for name in self._int_entries:
+            t = tensors[name]
+            if t.dtype != self.dtypes[name] or tuple(t.shape) != self.shapes[name]:
+                raise ValueError(f"target[{name!r}]: {t.dtype} {tuple(t.shape)} does not match "
+                                 f"the trajectory's {self.dtypes[name]} {self.shapes[name]}")
+        columns, base_column, extra = self._column_coefficients(weights, base, tensors)
+        engine._check_float32_finite(columns, "coefficients of the trajectory's columns")
+        if targets:
+            rows = np.flatnonzero(~np.isin(self._segments.tensor, skip))
+            self._run(targets, device, rows, columns, base_column, extra)
+        for name, (f, entry) in self._int_entries.items():
+            with torch.no_grad():
+                tensors[name].copy_(self._files[f].tensor(entry) if self._resident is None
+                                    else self._resident_int(name))
+        return target
+
+    def _column_coefficients(self, w, base, tensors):
+        """Coefficients per source column, the column used as the engine's base (or None), and
+        an extra column of caller tensors (a state-dict base), for the merge that lcsc_fast.
+        merge_into defines: sum_i w_i theta_i, or theta_b + sum_i w_i (theta_i - theta_b)."""
+        n = len(self)
+        extra = None
+        if base is not None and (isinstance(base, bool) or not isinstance(base, (int, Mapping))):
+            raise TypeError("base: expected a checkpoint index or a state dict")
+        if isinstance(base, int):
+            if not -n <= base < n:
+                raise ValueError(f"base: index {base} is out of range for {n} checkpoints")
+            base %= n
+        if isinstance(base, Mapping):
+            engine._check_names(set(self.shapes), base, "base")
+            extra = base
+        total = math.fsum(w)
+        if self.kind == "checkpoints":
+            columns = list(w)
+            if isinstance(base, int):
+                columns[base] -= total  # theta_b + sum_i w_i theta_i - (sum_i w_i) theta_b
+                return columns, base, None
+            if extra is not None:
+                return columns + [-total], "extra", extra
+            return columns, None, None
+        # Packed: theta_i = theta_p + delta_i with delta_p = 0, columns [delta_i (i != p)..., theta_p]
+        p = self._packed_base
+        deltas = [w[i] for i in range(n) if i != p]
+        delta_index = {i: j for j, i in enumerate(i for i in range(n) if i != p)}
+        if base is None:
+            return deltas + [total], None, None
+        if isinstance(base, int):
+            # theta_b + sum_i w_i (theta_i - theta_b) = theta_p + sum_i w_i delta_i + (1 - sum w) delta_b
+            if base != p:
+                deltas[delta_index[base]] += 1.0 - total
+            return deltas + [1.0], None, None
+        # (1 - sum w) theta_B + (sum w) theta_p + sum_i w_i delta_i, theta_B a caller state dict
+        return deltas + [total, 1.0 - total], "extra-source", extra
+
+    def _addresses(self) -> np.ndarray:
+        if self._resident is not None:
+            return self._resident[1]
+        return np.array([f.address for f in self._files], dtype=np.uint64)
+
+    def _run(self, targets, device, rows, columns, base_column, extra):
+        """Merge segments `rows` (indices) into targets (one tensor per float name)."""
+        seg = self._segments
+        if self._resident is None:
+            for f in self._files:
+                f.check_size()
+            if device.type == "cuda":
+                from .streaming import merge_staged
+
+                return merge_staged(self, targets, device, columns, base_column, extra,
+                                    rows=rows)
+            if device.type != "cpu":
+                raise ValueError(f"target on {device}: merges from files go to cpu or cuda")
+        elif _normalized(device) != self._resident[0]:
+            raise ValueError(f"the trajectory is resident on {self._resident[0]} but the target "
+                             f"is on {device}; merge on that device or call .to({str(device)!r})")
+        src = self._addresses()[seg.file[rows]] + seg.offset[rows].astype(np.uint64)  # [R, M]
+        plan = self._plan(rows, src, targets, device, base_column, extra)
+        if self._resident is not None:
+            return plan.run([columns])
+        chunks = _chunks(seg.nbytes[rows], CHUNK_NBYTES)
+        for k, (lo, hi) in enumerate(chunks):
+            if k + 1 < len(chunks):
+                self._advise(rows[chunks[k + 1][0]:chunks[k + 1][1]], mmap.MADV_WILLNEED)
+            plan.run([columns], lo, hi, guard_faults=True)
+
+    def _plan(self, rows: np.ndarray, src: np.ndarray, targets, device, base_column, extra):
+        """The engine plan for segments `rows` (indices), whose source columns are at src
+        ([R, M])."""
+        seg = self._segments
+        tensor, start = seg.tensor[rows], seg.start[rows].astype(np.uint64)
+        src_dtype = seg.dtype[rows]
+        base_ptr = np.zeros(len(tensor), dtype=np.uint64)
+        base_dtype = np.zeros(len(tensor), dtype=np.int32)
+        if base_column in ("extra", "extra-source"):
+            ptr, codes = self._caller_column(extra, device, tensor, start)
+            src = np.concatenate([src, ptr[:, None]], axis=1)
+            src_dtype = np.concatenate([src_dtype, codes[:, None]], axis=1)
+            if base_column == "extra":
+                base_ptr, base_dtype = ptr, codes
+        elif base_column is not None:
+            base_ptr, base_dtype = src[:, base_column].copy(), src_dtype[:, base_column].copy()
+        out_ptr = np.array([t.data_ptr() for t in targets], dtype=np.uint64)
+        out_size = np.array([t.element_size() for t in targets], dtype=np.uint64)
+        out_code = np.array([_engine_code(t.dtype) for t in targets], dtype=np.int32)
+        outs = out_ptr[tensor] + start * out_size[tensor]
+        return engine._Plan.from_arrays(
+            device, [self._float_names[t] for t in tensor], seg.numel[rows], outs[None, :],
+            out_code[tensor], base_ptr, base_dtype, src, src_dtype, num_checkpoints=len(self))
+
+    def _caller_column(self, extra, device, tensor, start):
+        """Pointers and dtype codes of a caller's state dict (a base) for segments of tensors
+        `tensor` starting at elements `start`."""
+        ptr = np.zeros(len(self._float_names), dtype=np.uint64)
+        size = np.zeros(len(self._float_names), dtype=np.uint64)
+        codes = np.zeros(len(self._float_names), dtype=np.int32)
+        for k, name in enumerate(self._float_names):
+            t = extra[name]
+            engine._check_tensor(t, f"base[{name!r}]")
+            if tuple(t.shape) != self.shapes[name] or t.device != device:
+                raise ValueError(f"base[{name!r}]: {tuple(t.shape)} on {t.device} does not match "
+                                 f"the target's {self.shapes[name]} on {device}")
+            ptr[k], size[k], codes[k] = t.data_ptr(), t.element_size(), _engine_code(t.dtype)
+        return ptr[tensor] + start * size[tensor], codes[tensor]
+
+    def _advise(self, segments: np.ndarray, advice: int) -> None:
+        seg = self._segments
+        lengths = seg.numel[segments, None] * np.where(seg.dtype[segments] == 0, 4, 2)
+        for f in np.unique(seg.file[segments]):
+            mask = seg.file[segments] == f
+            begin = int(seg.offset[segments][mask].min())
+            end = int((seg.offset[segments] + lengths)[mask].max())
+            self._files[f].advise(begin, end - begin, advice)
+
+    # ------------------------------------------------------------------ residency
+
+    def to(self, device) -> "Trajectory":
+        """Keep the trajectory's bytes resident on device ("cuda", "cuda:1") or in pinned host
+        memory ("pinned"), so that repeated merges (a search) never touch the files again.
+        Returns self."""
+        pinned = str(device) == "pinned"
+        target = _normalized(torch.device("cpu" if pinned else device))
+        buffers, addresses = [], []
+        for f in self._files:
+            if target.type == "cpu":
+                buf = f.read(0, f.nbytes, torch.empty(f.nbytes, dtype=torch.uint8,
+                                                      pin_memory=pinned))
+            else:
+                buf = f.read(0, f.nbytes).to(target)
+            buffers.append(buf)
+            addresses.append(buf.data_ptr())
+        self._resident_buffers = buffers
+        self._resident = (target, np.array(addresses, dtype=np.uint64))
+        return self
+
+    def _resident_int(self, name):
+        f, entry = self._int_entries[name]
+        raw = self._resident_buffers[f][entry.begin:entry.begin + entry.nbytes].cpu()
+        return raw.view(entry.dtype).reshape(entry.shape) if entry.nbytes else torch.empty(
+            entry.shape, dtype=entry.dtype)
+
+
+def _normalized(device: torch.device) -> torch.device:
+    """cpu for every cpu device, cuda:<index> for cuda (the current one when none is given)."""
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _chunks(nbytes: np.ndarray, limit: int) -> list[tuple[int, int]]:
+    """Consecutive [lo, hi) runs of segments of about `limit` source bytes each."""
+    bounds = np.searchsorted(np.cumsum(nbytes), np.arange(limit, int(nbytes.sum()), limit),
+                             side="left")
+    edges = [0, *sorted(set(int(b) + 1 for b in bounds if b + 1 < len(nbytes))), len(nbytes)]
+    return [(lo, hi) for lo, hi in zip(edges, edges[1:]) if hi > lo]
+
+
+def _read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read it as JSON ({e})") from None
+
+
+def _checkpoint_files(path: str) -> list[str]:
+    """The files of one checkpoint: a .safetensors file, or the shards of an index."""
+    if os.path.isdir(path):
+        index = os.path.join(path, "model.safetensors.index.json")
+        single = os.path.join(path, "model.safetensors")
+        if os.path.exists(index):
+            path = index
+        elif os.path.exists(single):
+            return [single]
+        else:
+            raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    if path.endswith(".json"):
+        index = _read_json(path)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{path}: a sharded-checkpoint index needs a weight_map")
+        folder = os.path.dirname(path)
+        shards = sorted(set(weight_map.values()))
+        files = [os.path.join(folder, s) for s in shards]
+        missing = [f for f in files if not os.path.exists(f)]
+        if missing:
+            raise CheckpointError(f"{path}: shard {missing[0]} is missing")
+        return files
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file")
+    return [path]
+
+
+def _check_same_tensors(first: dict, other: dict, first_path: str, other_path: str) -> None:
+    missing, extra = sorted(first.keys() - other.keys()), sorted(other.keys() - first.keys())
+    if missing or extra:
+        parts = ([f"missing {engine._few(missing)}"] if missing else []) + (
+            [f"unexpected {engine._few(extra)}"] if extra else [])
+        raise CheckpointError(f"{other_path}: its tensors differ from {first_path}'s: "
+                              f"{'; '.join(parts)}")
+    for name, (_, entry) in first.items():
+        other_entry = other[name][1]
+        if other_entry.shape != entry.shape:
+            raise CheckpointError(f"{other_path}: tensor {name!r} has shape {other_entry.shape} "
+                                  f"but {entry.shape} in {first_path}")
+        if other_entry.dtype.is_floating_point != entry.dtype.is_floating_point:
+            raise CheckpointError(f"{other_path}: tensor {name!r} is {other_entry.dtype} but "
+                                  f"{entry.dtype} in {first_path}")
