@@ -211,8 +211,14 @@ class MappedFile:
         if nbytes <= 0 or self._map is None:
             return
         start = begin - begin % mmap.PAGESIZE
+        end = min(begin + nbytes, self.nbytes)
+        if advice == mmap.MADV_DONTNEED:  # only whole pages inside the range: neighbours stay
+            start = begin + (-begin) % mmap.PAGESIZE
+            end -= end % mmap.PAGESIZE if end < self.nbytes else 0
+            if end <= start:
+                return
         try:
-            self._map.madvise(advice, start, min(begin + nbytes, self.nbytes) - start)
+            self._map.madvise(advice, start, end - start)
         except (OSError, ValueError):
             pass
 

@@ -353,10 +353,16 @@ class Trajectory(Sequence):
         if self._resident is not None:
             return plan.run([columns])
         chunks = _chunks(seg.nbytes[rows], CHUNK_NBYTES)
+        # Pages a merge touched stay mapped, and count as the process's memory, until released.
+        # A trajectory larger than half of RAM cannot stay in the page cache anyway: release each
+        # chunk once merged, so memory stays bounded however large the trajectory is.
+        release = sum(f.nbytes for f in self._files) > _physical_memory_nbytes() // 2
         for k, (lo, hi) in enumerate(chunks):
             if k + 1 < len(chunks):
                 self._advise(rows[chunks[k + 1][0]:chunks[k + 1][1]], mmap.MADV_WILLNEED)
             plan.run([columns], lo, hi, guard_faults=True)
+            if release:
+                self._advise(rows[lo:hi], mmap.MADV_DONTNEED)
 
     def _plan(self, rows: np.ndarray, src: np.ndarray, targets, device, base_column, extra):
         """The engine plan for segments `rows` (indices), whose source columns are at src
@@ -432,6 +438,13 @@ class Trajectory(Sequence):
         raw = self._resident_buffers[f][entry.begin:entry.begin + entry.nbytes].cpu()
         return raw.view(entry.dtype).reshape(entry.shape) if entry.nbytes else torch.empty(
             entry.shape, dtype=entry.dtype)
+
+
+def _physical_memory_nbytes() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62  # unknown: never release
 
 
 def _normalized(device: torch.device) -> torch.device:
