@@ -60,22 +60,19 @@ int current_level() {
   return level < 0 ? best_level() : level;
 }
 
-cpu::FmaProbeFn fma_probe_fn(int level) {
-#if defined(LCSC_X86_DISPATCH)
-  if (level == kAvx512) return cpu::avx512_fma_probe();
-  if (level == kAvx2) return cpu::avx2_fma_probe();
-#endif
-  (void)level;
-  return cpu::scalar_fma_probe();
-}
+// The kernels compiled for each SIMD level.
+struct Kernels {
+  cpu::TileFn tile;
+  cpu::FmaProbeFn fma_probe;
+};
 
-cpu::TileFn tile_fn(int level) {
+Kernels kernels(int level) {
 #if defined(LCSC_X86_DISPATCH)
-  if (level == kAvx512) return cpu::avx512_tile();
-  if (level == kAvx2) return cpu::avx2_tile();
+  if (level == kAvx512) return {cpu::avx512_tile(), cpu::avx512_fma_probe()};
+  if (level == kAvx2) return {cpu::avx2_tile(), cpu::avx2_fma_probe()};
 #endif
   (void)level;
-  return cpu::scalar_tile();
+  return {cpu::scalar_tile(), cpu::scalar_fma_probe()};
 }
 
 // Scratch rows of K * tile floats per thread: up to 128 KiB, which stays in L2, and at least
@@ -227,7 +224,7 @@ void merge_cpu(const MergeArgs& a, int num_threads, bool guard_faults) {
   const int64_t total = first_tile[T];
   if (total == 0) return;
 
-  const cpu::TileFn run_tile = tile_fn(current_level());
+  const cpu::TileFn run_tile = kernels(current_level()).tile;
   // Streaming stores pay off only when the outputs could not stay in cache anyway.
   int64_t out_nbytes = 0;
   for (int64_t t = 0; t < T; ++t) out_nbytes += a.numels[t] * dtype_nbytes(a.out_dtypes[t]);
@@ -354,7 +351,7 @@ void set_simd_level(const char* name) {
 }
 
 double fma_probe(int num_threads) {
-  const cpu::FmaProbeFn probe = fma_probe_fn(current_level());
+  const cpu::FmaProbeFn probe = kernels(current_level()).fma_probe;
   const int threads = std::max(num_threads, 1);
   constexpr int64_t kIterations = 20'000'000;
   int64_t lanes = 0;
