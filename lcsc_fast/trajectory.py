@@ -36,6 +36,7 @@ PACKED_FORMAT = "lcsc_fast.packed"
 # Work is handed to the engine in chunks of about this many source bytes, so that the next
 # chunk's pages can be asked for (readahead) while this one is merged.
 CHUNK_NBYTES = 256 * 2**20
+SEGMENT_ELEMS = 1 << 20  # raw checkpoints: the longest run of one tensor a segment covers
 
 
 @dataclass
@@ -170,20 +171,29 @@ class Trajectory(Sequence):
                 float_names.append(name)
         int_entries = {n: per_checkpoint[-1][n] for n in first if n not in float_names}
 
-        # One segment per tensor; source column k is checkpoint k.
-        S, M = len(float_names), len(per_checkpoint)
-        file = np.zeros((S, M), dtype=np.int64)
-        offset = np.zeros((S, M), dtype=np.int64)
-        dtype = np.zeros((S, M), dtype=np.int32)
-        nbytes = np.zeros(S, dtype=np.int64)
-        for s, name in enumerate(float_names):
-            for k, entries in enumerate(per_checkpoint):
-                f, entry = entries[name]
-                file[s, k], offset[s, k], dtype[s, k] = f, entry.begin, _engine_code(entry.dtype)
-                nbytes[s] += entry.nbytes
-        segments = _Segments(np.arange(S, dtype=np.int64), np.zeros(S, dtype=np.int64),
-                             np.array([math.prod(shapes[n]) for n in float_names],
-                                      dtype=np.int64).reshape(S), file, offset, dtype, nbytes)
+        # Segments of at most SEGMENT_ELEMS elements of one tensor; source column k is
+        # checkpoint k. Runs this short keep chunks (readahead, page release) fine-grained
+        # however large a tensor is.
+        M = len(per_checkpoint)
+        parts = []
+        for t, name in enumerate(float_names):
+            file = np.array([entries[name][0] for entries in per_checkpoint], dtype=np.int64)
+            begin = np.array([entries[name][1].begin for entries in per_checkpoint],
+                             dtype=np.int64)
+            codes = np.array([_engine_code(entries[name][1].dtype) for entries in per_checkpoint],
+                             dtype=np.int32)
+            size = np.where(codes == 0, 4, 2).astype(np.int64)
+            numel = math.prod(shapes[name])
+            starts = np.arange(0, numel, SEGMENT_ELEMS, dtype=np.int64)
+            lens = np.minimum(SEGMENT_ELEMS, numel - starts)
+            parts.append((np.full(len(starts), t, dtype=np.int64), starts, lens,
+                          np.broadcast_to(file, (len(starts), M)),
+                          begin[None, :] + starts[:, None] * size[None, :],
+                          np.broadcast_to(codes, (len(starts), M)), lens * size.sum()))
+        segments = _Segments(*(np.concatenate([p[i] for p in parts]) if parts else
+                               np.zeros((0,) if i < 3 or i == 6 else (0, M),
+                                        dtype=np.int32 if i == 5 else np.int64)
+                               for i in range(7)))
         files = [MappedFile(h.path, h.file_nbytes) for h in headers]
         return cls(kind="checkpoints", files=files, headers=headers, checkpoints=per_checkpoint,
                    steps=steps, float_names=float_names, shapes=shapes, dtypes=dtypes,

@@ -545,6 +545,21 @@ def test_chunked_in_place_merge(run, paths, stores, bdict, monkeypatch, kind, ch
             assert_states_bitwise(traj.merge(COEFFS, base=resolve_base(b, bdict)), exp, f"base={b}")
 
 
+@pytest.mark.parametrize("segment", param("segment_elems", [1, 5, 64]))
+def test_raw_tensors_split_into_short_segments_merge_the_same(run, paths, bdict, monkeypatch,
+                                                               segment):
+    """Raw checkpoints split each tensor into segments of at most SEGMENT_ELEMS elements (so
+    chunks stay small however large a tensor is); any split merges to the same bits as the
+    state-dict merge."""
+    monkeypatch.setattr(trajectory_module, "SEGMENT_ELEMS", segment)
+    with Trajectory.open(paths) as traj:
+        assert (traj._segments.numel <= segment).all()
+        for b in BASES:
+            base = resolve_base(b, bdict)
+            assert_states_bitwise(traj.merge(COEFFS, base=base), state_merge(run, COEFFS, base),
+                                  f"base={b}")
+
+
 @pytest.mark.parametrize("kind", ["raw", "packed"])
 def test_merge_larger_than_memory_releases_pages_and_equals(run, paths, stores, bdict,
                                                             monkeypatch, kind):
