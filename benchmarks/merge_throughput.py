@@ -71,13 +71,17 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+
+from _machine import cpu_model  # benchmarks/, on sys.path when run as a script
 
 GIB = 1024**3
 MIB = 1024**2
@@ -525,15 +529,68 @@ def run_merge_methods(d: MergeData, repeats: int) -> list[dict]:
     return rows
 
 
+def run_file_methods(d: MergeData, repeats: int, workdir: str | None) -> list[dict]:
+    """The same merge read from files: the N checkpoints as safetensors files (Trajectory,
+    memory-mapped, page cache warm after the validated warm-up) and as a packed store (deltas
+    in the sources' dtype, so both read about the bytes the in-memory merge reads)."""
+    from safetensors.torch import save_file
+
+    oracle = MergeOracle(d)
+    rows = []
+    folder = tempfile.mkdtemp(prefix="lcsc-bench-", dir=workdir)
+    try:
+        paths = []
+        for i, ck in enumerate(d.checkpoints):
+            paths.append(os.path.join(folder, f"ck{i:04d}.safetensors"))
+            save_file(ck, paths[-1])
+        files = lcsc_fast.Trajectory.open(paths)
+        packed_dir = lcsc_fast.pack(files, os.path.join(folder, "packed"), dtype=d.cfg.dtype_name)
+        packed = lcsc_fast.Trajectory.open(packed_dir)
+        # A packed merge sums other terms: w_i * delta_i, each delta rounded to the delta dtype
+        # (at most eps_delta * |delta_i| <= eps_delta * 2 max|theta|), and (sum w) * theta_p.
+        # Bound: that rounding plus recursive fp32 summation of N such terms (N * eps_fp32 *
+        # sum|w_i| * 2 max|theta|), on top of the in-memory tolerance.
+        delta_eps = {"fp32": EPS_FP32, "bf16": 2.0 ** -8}[d.cfg.dtype_name]
+        theta_max = max(ck[name].abs().max().item() for ck in d.checkpoints
+                        for name in oracle.names)
+        packed_tol = oracle.tol + (delta_eps + len(d.coeffs) * EPS_FP32) * sum(
+            map(abs, d.coeffs)) * 2 * theta_max
+        for method, traj, tol in (("from files (mmap)", files, oracle.tol),
+                                  ("from packed store", packed, packed_tol)):
+            row = {"method": method, "validated_tensors": len(oracle.names),
+                   "validated_elems": oracle.numel}
+            d.poison_outputs()
+            lcsc_fast.merge_into(d.outputs, traj, d.coeffs)
+            err = max_abs_err([d.outputs[name] for name in oracle.names], oracle.refs)
+            row.update(max_abs_err=err, tol=tol, torch_err=oracle.torch_err)
+            if not err <= tol:
+                row.update(status="FAILED", reason=f"max abs err {err:.3g} > tol {tol:.3g}")
+            else:
+                seconds = time_repeats(lambda: lcsc_fast.merge_into(d.outputs, traj, d.coeffs),
+                                       repeats, lambda: None)
+                row.update(status="ok", seconds=seconds, min_s=min(seconds),
+                           median_s=statistics.median(seconds))
+            rows.append(row)
+        files.close()
+        packed.close()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return rows
+
+
 def finish_rows(rows: list[dict], source_nbytes: int, read_gbps: float) -> None:
     torch_times = [r["min_s"] for r in rows if r["status"] == "ok" and r["method"] in TORCH_METHODS]
     best_torch = min(torch_times) if torch_times else None
+    in_memory = next((r["min_s"] for r in rows
+                      if r["method"] == "fused MergePlan" and r["status"] == "ok"), None)
     for r in rows:
         if r["status"] != "ok":
             continue
         r["gbps"] = source_nbytes / r["min_s"] / 1e9
         r["pct_read_bw"] = 100.0 * r["gbps"] / read_gbps
         r["speedup_vs_best_torch"] = best_torch / r["min_s"] if best_torch else None
+        if r["method"].startswith("from ") and in_memory:
+            r["vs_in_memory"] = in_memory / r["min_s"]
 
 
 def run_population(d: MergeData, repeats: int) -> dict:
@@ -632,6 +689,8 @@ def print_rows(rows: list[dict]) -> None:
         extra = ""
         if "native_s" in r:
             extra = f"; native call {fmt_seconds(r['native_s'])} s of it"
+        if "vs_in_memory" in r:
+            extra = f"; {100 * r['vs_in_memory']:.0f}% of the in-memory MergePlan's throughput"
         print(f"{r['method']:<18} {fmt_seconds(r['min_s']):>8} {fmt_seconds(r['median_s']):>9} "
               f"{r['gbps']:>7.2f} {r['pct_read_bw']:>8.1f}% "
               f"{(f'{speedup:.2f}x' if speedup else '-'):>9}  "
@@ -663,17 +722,6 @@ def print_population(p: dict) -> None:
             limits += f" of {peak / 1e9:.1f} G probed ({100 * b['fma_lanes_per_s'] / peak:.0f}%)"
         limits += f"; {b['traffic_gbps']:.1f} GB/s read + written"
         print(limits)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def machine_info(devices: list[torch.device]) -> dict:
@@ -737,6 +785,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", metavar="PATH",
                    help="also write machine info, bandwidth and all rows as JSON to PATH "
                         "(a directory gets <device>-<date>.json)")
+    p.add_argument("--no-files", action="store_true",
+                   help="skip the merges from safetensors files and from a packed store")
+    p.add_argument("--workdir", default=None, metavar="DIR",
+                   help="where the files for those merges are written (default: the temp dir)")
     p.add_argument("--quick", action="store_true",
                    help="tiny sizes for a smoke test (< 15 s); numbers are not meaningful")
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -812,6 +864,9 @@ def main(argv=None) -> int:
                           "setup_s": time.perf_counter() - setup_start}
                 progress(f"{device.type} N={n} {dtype_name}: merge methods")
                 rows = run_merge_methods(d, args.repeats)
+                if device.type == "cpu" and not args.no_files:
+                    progress(f"{device.type} N={n} {dtype_name}: from files and packed store")
+                    rows += run_file_methods(d, args.repeats, args.workdir)
                 progress(f"{device.type} N={n} {dtype_name}: population op")
                 population = run_population(d, args.repeats)
                 configs.append((common, rows, population))

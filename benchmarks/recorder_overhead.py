@@ -52,6 +52,8 @@ import time
 
 import torch
 
+from _machine import cpu_model  # benchmarks/, on sys.path when run as a script
+
 import lcsc_fast
 from lcsc_fast.recorder import Recorder
 
@@ -148,17 +150,6 @@ def synchronous_snapshot(args, root: str, repeats: int = 3) -> tuple[float, int]
 
 
 # ---------------------------------------------------------------- machine info
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
 
 def filesystem_of(path: str) -> str:
     """The type of the filesystem holding path (ext4, tmpfs, ...), from /proc/mounts."""
