@@ -88,13 +88,18 @@ def pack(traj, out_dir, dtype="bf16", base: int = 0, block_elems: int = 65536) -
             per_stage = max(1, _STAGE_NBYTES // max(1, len(others) * esize * block_elems))
             for lo in range(0, numel if others else 0, per_stage * block_elems):
                 hi = min(numel, lo + per_stage * block_elems)
-                deltas = torch.stack([_elements(traj, i, name, lo, hi) - theta_p[lo:hi]
-                                      for i in others]).to(delta_dtype)  # [N-1, hi-lo]
-                for b in range(lo, hi, block_elems):
-                    block = deltas[:, b - lo:min(hi, b + block_elems) - lo].contiguous()
-                    data = block.view(torch.uint8).numpy().tobytes() if block.numel() else b""
-                    f.write(data)
-                    digest.update(data)
+                deltas = torch.empty((len(others), hi - lo), dtype=delta_dtype)  # [N-1, hi-lo]
+                for j, i in enumerate(others):
+                    deltas[j] = _elements(traj, i, name, lo, hi).sub_(theta_p[lo:hi])
+                # Stages start on block boundaries, so only a tensor's last block is short.
+                full = (hi - lo) // block_elems * block_elems
+                interleaved = [deltas[:, :full].reshape(len(others), -1, block_elems)
+                               .transpose(0, 1).contiguous(), deltas[:, full:].contiguous()]
+                for part in interleaved:
+                    if part.numel():
+                        data = part.view(torch.uint8).numpy()
+                        f.write(data)
+                        digest.update(data)
         f.flush()
         os.fsync(f.fileno())
 
