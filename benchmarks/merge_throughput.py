@@ -785,8 +785,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", metavar="PATH",
                    help="also write machine info, bandwidth and all rows as JSON to PATH "
                         "(a directory gets <device>-<date>.json)")
-    p.add_argument("--no-files", action="store_true",
-                   help="skip the merges from safetensors files and from a packed store")
+    p.add_argument("--files-n", type=int, nargs="*", default=[64], metavar="N",
+                   help="the N at which merges from safetensors files and from a packed store "
+                        "are timed too (default: 64; writing and packing the files is what "
+                        "takes time; none: --files-n)")
     p.add_argument("--workdir", default=None, metavar="DIR",
                    help="where the files for those merges are written (default: the temp dir)")
     p.add_argument("--quick", action="store_true",
@@ -864,7 +866,7 @@ def main(argv=None) -> int:
                           "setup_s": time.perf_counter() - setup_start}
                 progress(f"{device.type} N={n} {dtype_name}: merge methods")
                 rows = run_merge_methods(d, args.repeats)
-                if device.type == "cpu" and not args.no_files:
+                if device.type == "cpu" and n in args.files_n:
                     progress(f"{device.type} N={n} {dtype_name}: from files and packed store")
                     rows += run_file_methods(d, args.repeats, args.workdir)
                 progress(f"{device.type} N={n} {dtype_name}: population op")
