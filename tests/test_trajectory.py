@@ -1323,8 +1323,10 @@ SUBPROCESS_SETUP = textwrap.dedent("""
 
 
 def run_python(code: str, folder) -> subprocess.CompletedProcess:
+    # Run from folder: `python -c` puts the working directory first on sys.path, and from the
+    # repository root that is the source tree, not the installed package.
     return subprocess.run([sys.executable, "-c", code, os.fspath(folder)], capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, cwd=os.fspath(folder))
 
 
 GUARD_CALLS = {
