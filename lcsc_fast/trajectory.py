@@ -362,17 +362,19 @@ class Trajectory(Sequence):
         plan = self._plan(rows, src, targets, device, base_column, extra)
         if self._resident is not None:
             return plan.run([columns])
+        # A trajectory that fits in the page cache is merged in one pass: asking for readahead
+        # would cost a page-cache walk per merge (a third of a warm merge's time). A larger one
+        # cannot stay cached, and pages a merge touched stay mapped, counted as the process's
+        # memory, until released: it goes in chunks, the next chunk's pages asked for ahead and
+        # each chunk's released once merged, so memory stays bounded however large it is.
+        if sum(f.nbytes for f in self._files) <= _physical_memory_nbytes() // 2:
+            return plan.run([columns], guard_faults=True)
         chunks = _chunks(seg.nbytes[rows], CHUNK_NBYTES)
-        # Pages a merge touched stay mapped, and count as the process's memory, until released.
-        # A trajectory larger than half of RAM cannot stay in the page cache anyway: release each
-        # chunk once merged, so memory stays bounded however large the trajectory is.
-        release = sum(f.nbytes for f in self._files) > _physical_memory_nbytes() // 2
         for k, (lo, hi) in enumerate(chunks):
             if k + 1 < len(chunks):
                 self._advise(rows[chunks[k + 1][0]:chunks[k + 1][1]], mmap.MADV_WILLNEED)
             plan.run([columns], lo, hi, guard_faults=True)
-            if release:
-                self._advise(rows[lo:hi], mmap.MADV_DONTNEED)
+            self._advise(rows[lo:hi], mmap.MADV_DONTNEED)
 
     def _plan(self, rows: np.ndarray, src: np.ndarray, targets, device, base_column, extra):
         """The engine plan for segments `rows` (indices), whose source columns are at src

@@ -535,11 +535,13 @@ def test_mixed_dtype_checkpoints(tmp_path):
 @pytest.mark.parametrize("chunk", param("chunk_nbytes", [1, 100, 700]))
 @pytest.mark.parametrize("kind", ["raw", "packed"])
 def test_chunked_in_place_merge(run, paths, stores, bdict, monkeypatch, kind, chunk):
-    """With CHUNK_NBYTES tiny, an in-place merge runs in many chunks (one per segment at 1
-    byte), with readahead advice between them: the result is bitwise the one-chunk merge."""
+    """A trajectory too large for the page cache (RAM made to look tiny) merges in chunks; with
+    CHUNK_NBYTES tiny, many (one per segment at 1 byte), with readahead advice between them:
+    the result is bitwise the one-pass merge."""
     source = paths if kind == "raw" else stores("bf16", 2, 7)
     with Trajectory.open(source) as traj:
         expected = [traj.merge(COEFFS, base=resolve_base(b, bdict)) for b in BASES]
+        monkeypatch.setattr(trajectory_module, "_physical_memory_nbytes", lambda: 0)
         monkeypatch.setattr(trajectory_module, "CHUNK_NBYTES", chunk)
         for b, exp in zip(BASES, expected):
             assert_states_bitwise(traj.merge(COEFFS, base=resolve_base(b, bdict)), exp, f"base={b}")
