@@ -23,7 +23,6 @@ __all__ = ["weighted_sum", "weighted_sum_batched", "merge_into", "MergePlan", "b
 
 # Must match lcsc::DType in csrc/lcsc/elementwise.h.
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 @dataclass
@@ -35,6 +34,7 @@ class _Plan:
     num_outputs: int
     num_checkpoints: int = 0  # merge_into: sources past these are the base
     names: list = field(default_factory=list)  # [T] state-dict names, for error messages
+    # Python arrays while built tensor by tensor (add); numpy arrays from from_arrays.
     numels: array = field(default_factory=lambda: array("q"))  # [T]
     outs: array = field(default_factory=lambda: array("Q"))  # [K, T] after finish()
     out_dtypes: array = field(default_factory=lambda: array("i"))  # [T]
@@ -59,7 +59,10 @@ class _Plan:
         """The tables of tensors [lo, hi) only (numpy-backed plans)."""
         numels, outs, out_dtypes, bases, base_dtypes, srcs, src_dtypes, coeffs, n, k = tables
         outs = np.asarray(outs).reshape(k, -1)[:, lo:hi]
-        rows = lambda x, w: np.asarray(x).reshape(-1, w)[lo:hi].reshape(-1)  # noqa: E731
+
+        def rows(x, width):
+            return np.asarray(x).reshape(-1, width)[lo:hi].reshape(-1)
+
         return (rows(numels, 1), np.ascontiguousarray(outs).reshape(-1), rows(out_dtypes, 1),
                 rows(bases, 1), rows(base_dtypes, 1), rows(srcs, n), rows(src_dtypes, n), coeffs,
                 n, k)

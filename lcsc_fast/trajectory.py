@@ -24,9 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import _C, engine
-from .safetensors_io import (DTYPE_NAMES, SAFETENSORS_DTYPES, CheckpointError, Header,
-                             MappedFile, TensorEntry, read_header)
+from . import engine
+from .safetensors_io import CheckpointError, MappedFile, read_header
 
 __all__ = ["Trajectory"]
 
@@ -163,7 +162,7 @@ class Trajectory(Sequence):
             entry = per_checkpoint[-1][name][1]
             shapes[name], dtypes[name] = entry.shape, entry.dtype
             if entry.dtype.is_floating_point:
-                for k, entries in enumerate(per_checkpoint):
+                for entries in per_checkpoint:
                     if entries[name][1].dtype not in _MERGEABLE:
                         raise CheckpointError(f"{headers[entries[name][0]].path}: tensor "
                                               f"{name!r} is {entries[name][1].dtype}; merges "
