@@ -103,6 +103,21 @@ inline void disarm_fault_guard() {
 }
 struct sigaction g_previous_sigbus;
 
+// Runs body() with the guard armed; false when a SIGBUS interrupted it. body must hold no
+// resources (a jump out of it skips destructors): the tile code and memcpy hold none.
+template <class Body>
+bool guarded(Body&& body) {
+  sigjmp_buf jump;
+  if (sigsetjmp(jump, 0) != 0) {
+    disarm_fault_guard();
+    return false;
+  }
+  arm_fault_guard(&jump);
+  body();
+  disarm_fault_guard();
+  return true;
+}
+
 void on_sigbus(int sig, siginfo_t* info, void* context) {
   if (t_fault_jump != nullptr) siglongjmp(*t_fault_jump, 1);
   if (g_previous_sigbus.sa_flags & SA_SIGINFO) {
@@ -268,18 +283,14 @@ void merge_cpu(const MergeArgs& a, int num_threads, bool guard_faults) {
       const int64_t t = std::upper_bound(first_tile.begin(), first_tile.end(), g) -
                         first_tile.begin() - 1;
       const int64_t begin = (g - first_tile[t]) * tile;
-      if (guard_faults) {
-        // The tile code holds no resources, so jumping out of it mid-way leaks nothing.
-        sigjmp_buf jump;
-        if (faulted.load(std::memory_order_relaxed) || sigsetjmp(jump, 0) != 0) {
-          disarm_fault_guard();
-          faulted.store(true);
-          continue;
-        }
-        arm_fault_guard(&jump);
+      const auto tile_job = [&] {
+        run_tile(a, t, begin, std::min(tile, a.numels[t] - begin), acc, tile, stream);
+      };
+      if (!guard_faults) {
+        tile_job();
+      } else if (faulted.load(std::memory_order_relaxed) || !guarded(tile_job)) {
+        faulted.store(true);
       }
-      run_tile(a, t, begin, std::min(tile, a.numels[t] - begin), acc, tile, stream);
-      if (guard_faults) disarm_fault_guard();
     }
 #if defined(LCSC_X86_DISPATCH)
     if (stream) _mm_sfence();  // order the non-temporal stores before the threads join
@@ -303,15 +314,8 @@ void copy_regions(void* const* dst, const void* const* src, const int64_t* nbyte
 #pragma omp parallel for num_threads(std::max(num_threads, 1)) schedule(dynamic, 16)
 #endif
   for (int64_t i = 0; i < count; ++i) {
-    sigjmp_buf jump;
-    if (faulted.load(std::memory_order_relaxed) || sigsetjmp(jump, 0) != 0) {
-      disarm_fault_guard();
-      faulted.store(true);
-      continue;
-    }
-    arm_fault_guard(&jump);
-    std::memcpy(dst[i], src[i], static_cast<size_t>(nbytes[i]));
-    disarm_fault_guard();
+    const auto copy = [&] { std::memcpy(dst[i], src[i], static_cast<size_t>(nbytes[i])); };
+    if (faulted.load(std::memory_order_relaxed) || !guarded(copy)) faulted.store(true);
   }
   if (faulted.load()) {
     throw std::runtime_error(
