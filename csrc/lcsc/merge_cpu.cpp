@@ -75,10 +75,11 @@ Kernels kernels(int level) {
   return {cpu::scalar_tile(), cpu::scalar_fma_probe()};
 }
 
-// Scratch rows of K * tile floats per thread: up to 128 KiB, which stays in L2, and at least
-// 64 elements a row so that wide batches still vectorise.
 constexpr int64_t kStreamingStoreNbytes = int64_t{64} << 20;
 
+// Elements per tile: K accumulator rows of 32 KiB together (one row of 4096 for a single
+// merge, 1024 each for K = 8), at least 64 so that wide batches still vectorise. Measured on
+// a 48 KiB-L1 Xeon: halving this for K = 8 gained 10% from cache and lost up to 25% from DRAM.
 int64_t tile_elems(int64_t num_outputs) {
   const int64_t fit = (int64_t{8192} / num_outputs) / 64 * 64;
   return std::clamp<int64_t>(fit, 64, 4096);
