@@ -372,6 +372,7 @@ class MergePlan:
         copies = []  # (target tensor, last checkpoint's tensor) for integer tensors
         merged = set()  # (data_ptr, numel, dtype) already in the plan: tied weights merge once
         keep = []  # every tensor the plan points into
+        jobs = []  # (name, target tensor, sources, base) per merged tensor, for batched plans
         for name in sorted(tensors):
             t = tensors[name]
             entries = [ck[name] for ck in checkpoints]
@@ -402,13 +403,15 @@ class MergePlan:
                 raise ValueError(f"target[{name!r}] is on {t.device} but other target tensors "
                                  f"are on {plan.device}; merge_into needs one device")
             plan.add(name, [t], entries, b)
+            jobs.append((name, t, entries, b))
             keep.extend(entries)
         if plan is not None:
             plan.finish()
         self.target = target
         self._targets = tensors  # name -> tensor object, as planned
         self._target_ptrs = {k: v.data_ptr() for k, v in tensors.items()}
-        self._plan, self._copies, self._keep = plan, copies, keep
+        self._plan, self._copies, self._keep, self._jobs = plan, copies, keep, jobs
+        self._batched = None  # (the outs it was built for, _Plan)
         self._num_checkpoints = len(checkpoints)
         self._base_kind = None if base is None else ("index", base) if isinstance(
             base, int) else ("state", None)
@@ -417,8 +420,20 @@ class MergePlan:
         """Merge with coeffs (N values) into the target; returns the target."""
         (row,) = _coeff_rows(coeffs, None, self._num_checkpoints)
         self._check_target()
-        # theta_b + sum_i w_i (theta_i - theta_b) = theta_b + sum_i w_i theta_i - (sum w) theta_b:
-        # the base enters once as the engine's base and once as a source weighted -sum(w).
+        row = self._fold(row)
+        if self._plan is not None:
+            self._plan.run([row])
+        for t, src in self._copies:
+            with torch.no_grad():
+                t.copy_(src)
+        return self.target
+
+    def _fold(self, row: list[float]) -> list[float]:
+        """The engine's coefficients for one merge.
+
+        theta_b + sum_i w_i (theta_i - theta_b) = theta_b + sum_i w_i theta_i - (sum w) theta_b:
+        the base enters once as the engine's base and once as a source weighted -sum(w).
+        """
         if self._base_kind is not None:
             total = math.fsum(row)
             if self._base_kind[0] == "index":
@@ -426,12 +441,42 @@ class MergePlan:
             else:
                 row.append(-total)
             _check_float32_finite(row, "coefficients folded with the base (coeffs, -sum(coeffs))")
-        if self._plan is not None:
-            self._plan.run([row])
-        for t, src in self._copies:
-            with torch.no_grad():
-                t.copy_(src)
-        return self.target
+        return row
+
+    def merge_batched(self, coeffs, outs: Sequence[Mapping[str, torch.Tensor]]) -> None:
+        """K merges in one pass over the checkpoints: outs[k] gets the merge with coeffs[k].
+
+        outs: K dicts holding, for every floating-point tensor of the target, a tensor of its
+        shape on its device (they are written; integer tensors are not touched). Each source
+        element is read once for all K candidates: how a search scores a generation.
+        """
+        rows = _coeff_rows(coeffs, len(outs), self._num_checkpoints)
+        if self._batched is None or self._batched[0] != [id(o) for o in outs]:
+            self._batched = ([id(o) for o in outs], self._batched_plan(outs))
+        if self._batched[1] is not None:
+            self._batched[1].run([self._fold(row) for row in rows])
+
+    def _batched_plan(self, outs) -> _Plan | None:
+        if not self._jobs:
+            return None
+        first = self._jobs[0][1]
+        plan = _Plan(first.device, len(self._jobs[0][2]), len(outs),
+                     num_checkpoints=self._num_checkpoints)
+        for name, t, entries, b in self._jobs:
+            row = []
+            for k, out in enumerate(outs):
+                o = out.get(name) if isinstance(out, Mapping) else None
+                if o is None:
+                    raise ValueError(f"outs[{k}] has no tensor {name!r}")
+                _check_tensor(o, f"outs[{k}][{name!r}]")
+                _check_like(o, t, f"outs[{k}][{name!r}]", f"target[{name!r}]")
+                if row and o.dtype != row[0].dtype:
+                    raise TypeError(f"outs[{k}][{name!r}]: dtype {o.dtype} differs from "
+                                    f"outs[0]'s {row[0].dtype}")
+                row.append(o)
+            plan.add(name, row, entries, b)
+        plan.finish()
+        return plan
 
     def _check_target(self) -> None:
         """A plan writes through pointers: refuse a target whose tensors were replaced or moved

@@ -27,6 +27,8 @@ def merge_staged(traj, targets, device, columns, base_column, extra,
     seg = traj._segments
     if rows is None:
         rows = np.arange(len(seg.numel))
+    if not isinstance(targets[0], (list, tuple)):  # one output: a list of tensors, a column list
+        targets, columns = [targets], [columns]
     on_cuda = device.type == "cuda"
     element_size = np.where(seg.dtype[rows] == 0, 4, 2).astype(np.int64)  # engine dtype codes
     region = seg.numel[rows, None] * element_size  # [R, M] bytes of each source run
@@ -63,7 +65,7 @@ def merge_staged(traj, targets, device, columns, base_column, extra,
                 compute.wait_event(copied[slot])
             src = (staged[slot].data_ptr() + offsets).reshape(hi - lo, -1)
             plan = traj._plan(rows[lo:hi], src, targets, device, base_column, extra)
-            plan.run([columns])
+            plan.run(columns)
             if on_cuda:
                 merged[slot] = torch.cuda.Event()
                 merged[slot].record(compute)

@@ -257,15 +257,49 @@ class Trajectory(Sequence):
     def _lcsc_merge_into(self, target, coeffs, base=None):
         """lcsc_fast.merge_into(target, traj, coeffs, base) lands here."""
         tensors = engine._target_tensors(target)
+        targets, device, rows = self._float_targets(tensors)
+        (weights,) = engine._coeff_rows(coeffs, None, len(self))
+        columns, base_column, extra = self._column_coefficients(weights, base, tensors)
+        engine._check_float32_finite(columns, "coefficients of the trajectory's columns")
+        if targets:
+            self._run([targets], device, rows, [columns], base_column, extra)
+        for name, (f, entry) in self._int_entries.items():
+            with torch.no_grad():
+                tensors[name].copy_(self._files[f].tensor(entry) if self._resident is None
+                                    else self._resident_int(name))
+        return target
+
+    def merge_batched(self, coeffs, outs, base=None) -> None:
+        """K merges in one pass over the trajectory: outs[k] (a dict or module holding every
+        floating-point tensor of the trajectory) gets the merge with coeffs[k]. Integer tensors
+        are not touched. How a search scores a generation: each byte is read once for all K."""
+        rows_k = engine._coeff_rows(coeffs, len(outs), len(self))
+        targets_k, columns_k, device, rows, base_column, extra = [], [], None, None, None, None
+        for k, out in enumerate(outs):
+            tensors = engine._target_tensors(out)
+            targets, out_device, out_rows = self._float_targets(tensors, ints_required=False)
+            if device is not None and out_device != device:
+                raise ValueError(f"outs[{k}] is on {out_device} but outs[0] is on {device}")
+            device, rows = out_device, out_rows if rows is None else rows
+            columns, base_column, extra = self._column_coefficients(rows_k[k], base, tensors)
+            engine._check_float32_finite(columns, f"coefficients of row {k}")
+            targets_k.append(targets)
+            columns_k.append(columns)
+        if targets_k and targets_k[0]:
+            self._run(targets_k, device, rows, columns_k, base_column, extra)
+
+    def _float_targets(self, tensors, ints_required=True):
+        """The target's tensor for each float name, their device, and the segments to merge
+        (a tied weight's second name is skipped: its storage is merged under the first)."""
         # Integer tensors the trajectory does not hold (a Recorder snapshots floating-point
         # tensors only, so BatchNorm's num_batches_tracked is not there) are left as they are.
         held = {k: v for k, v in tensors.items() if k in self.shapes or v.is_floating_point()}
-        engine._check_names(set(self.shapes), held, "the target")
-        (weights,) = engine._coeff_rows(coeffs, None, len(self))
-        targets = []
-        device = None
-        planned = set()  # (data_ptr, numel, dtype): a tied weight is merged under its first name
-        skip = []  # float-name indices merged already under another name
+        if ints_required:
+            engine._check_names(set(self.shapes), held, "the target")
+        else:
+            engine._check_names(set(self._float_names), {k: v for k, v in held.items()
+                                                         if v.is_floating_point()}, "the output")
+        targets, device, planned, skip = [], None, set(), []
         for k, name in enumerate(self._float_names):
             t = tensors[name]
             engine._check_tensor(t, f"target[{name!r}]")
@@ -282,21 +316,15 @@ class Trajectory(Sequence):
                 skip.append(k)
             planned.add(key)
             targets.append(t)
-        for name in self._int_entries:
-            t = tensors[name]
-            if t.dtype != self.dtypes[name] or tuple(t.shape) != self.shapes[name]:
-                raise ValueError(f"target[{name!r}]: {t.dtype} {tuple(t.shape)} does not match "
-                                 f"the trajectory's {self.dtypes[name]} {self.shapes[name]}")
-        columns, base_column, extra = self._column_coefficients(weights, base, tensors)
-        engine._check_float32_finite(columns, "coefficients of the trajectory's columns")
-        if targets:
-            rows = np.flatnonzero(~np.isin(self._segments.tensor, skip))
-            self._run(targets, device, rows, columns, base_column, extra)
-        for name, (f, entry) in self._int_entries.items():
-            with torch.no_grad():
-                tensors[name].copy_(self._files[f].tensor(entry) if self._resident is None
-                                    else self._resident_int(name))
-        return target
+        if ints_required:
+            for name in self._int_entries:
+                t = tensors[name]
+                if t.dtype != self.dtypes[name] or tuple(t.shape) != self.shapes[name]:
+                    raise ValueError(f"target[{name!r}]: {t.dtype} {tuple(t.shape)} does not "
+                                     f"match the trajectory's {self.dtypes[name]} "
+                                     f"{self.shapes[name]}")
+        rows = np.flatnonzero(~np.isin(self._segments.tensor, skip))
+        return targets, device, rows
 
     def _column_coefficients(self, w, base, tensors):
         """Coefficients per source column, the column used as the engine's base (or None), and
@@ -342,7 +370,8 @@ class Trajectory(Sequence):
         return np.array([f.address for f in self._files], dtype=np.uint64)
 
     def _run(self, targets, device, rows, columns, base_column, extra):
-        """Merge segments `rows` (indices) into targets (one tensor per float name)."""
+        """Merge segments `rows` (indices) into K outputs: targets[k] holds one tensor per float
+        name, columns[k] the coefficients of output k's source columns."""
         seg = self._segments
         if self._resident is None:
             for f in self._files:
@@ -360,19 +389,19 @@ class Trajectory(Sequence):
         src = self._addresses()[seg.file[rows]] + seg.offset[rows].astype(np.uint64)  # [R, M]
         plan = self._plan(rows, src, targets, device, base_column, extra)
         if self._resident is not None:
-            return plan.run([columns])
+            return plan.run(columns)
         # A trajectory that fits in the page cache is merged in one pass: asking for readahead
         # would cost a page-cache walk per merge (a third of a warm merge's time). A larger one
         # cannot stay cached, and pages a merge touched stay mapped, counted as the process's
         # memory, until released: it goes in chunks, the next chunk's pages asked for ahead and
         # each chunk's released once merged, so memory stays bounded however large it is.
         if sum(f.nbytes for f in self._files) <= _physical_memory_nbytes() // 2:
-            return plan.run([columns], guard_faults=True)
+            return plan.run(columns, guard_faults=True)
         chunks = _chunks(seg.nbytes[rows], CHUNK_NBYTES)
         for k, (lo, hi) in enumerate(chunks):
             if k + 1 < len(chunks):
                 self._advise(rows[chunks[k + 1][0]:chunks[k + 1][1]], mmap.MADV_WILLNEED)
-            plan.run([columns], lo, hi, guard_faults=True)
+            plan.run(columns, lo, hi, guard_faults=True)
             self._advise(rows[lo:hi], mmap.MADV_DONTNEED)
 
     def _plan(self, rows: np.ndarray, src: np.ndarray, targets, device, base_column, extra):
@@ -391,12 +420,17 @@ class Trajectory(Sequence):
                 base_ptr, base_dtype = ptr, codes
         elif base_column is not None:
             base_ptr, base_dtype = src[:, base_column].copy(), src_dtype[:, base_column].copy()
-        out_ptr = np.array([t.data_ptr() for t in targets], dtype=np.uint64)
-        out_size = np.array([t.element_size() for t in targets], dtype=np.uint64)
-        out_code = np.array([_engine_code(t.dtype) for t in targets], dtype=np.int32)
-        outs = out_ptr[tensor] + start * out_size[tensor]
+        outs = []
+        for out in targets:  # [K] lists of tensors, one per float name
+            ptr = np.array([t.data_ptr() for t in out], dtype=np.uint64)
+            size = np.array([t.element_size() for t in out], dtype=np.uint64)
+            outs.append(ptr[tensor] + start * size[tensor])
+        out_code = np.array([_engine_code(t.dtype) for t in targets[0]], dtype=np.int32)
+        for k, out in enumerate(targets[1:], start=1):
+            if [t.dtype for t in out] != [t.dtype for t in targets[0]]:
+                raise TypeError(f"outs[{k}] has other dtypes than outs[0]; a batch shares dtypes")
         return engine._Plan.from_arrays(
-            device, [self._float_names[t] for t in tensor], seg.numel[rows], outs[None, :],
+            device, [self._float_names[t] for t in tensor], seg.numel[rows], np.stack(outs),
             out_code[tensor], base_ptr, base_dtype, src, src_dtype, num_checkpoints=len(self))
 
     def _caller_column(self, extra, device, tensor, start):

@@ -405,3 +405,38 @@ def test_plan_checks_coefficients_at_each_call(checkpoints):
         plan([0.5, float("nan")] + [0.0] * (len(checkpoints) - 2))
     for name, t in net.state_dict().items():
         assert torch.equal(before[name], t), name
+
+
+@pytest.mark.parametrize("base", [None, 0, "dict"], ids=["base=none", "base=0", "base=dict"])
+def test_plan_merge_batched_equals_single_merges(base, checkpoints, pretrained):
+    """MergePlan.merge_batched writes K candidates in one pass over the checkpoints; each output
+    holds the same bits as the plan called with that row (integer tensors are not outputs)."""
+    base = pretrained if base == "dict" else base
+    net = fresh_net("plan-batched")
+    plan = lcsc_fast.MergePlan(net, checkpoints, base=base)
+    floats = {k: v for k, v in net.state_dict().items() if v.is_floating_point()}
+    g = generator("plan-batched-coeffs")
+    rows = torch.randn(5, len(checkpoints), generator=g, dtype=torch.float64).tolist()
+    outs = [{k: torch.full_like(v, float("nan")) for k, v in floats.items()} for _ in rows]
+    plan.merge_batched(rows, outs)
+    for row, out in zip(rows, outs):
+        plan(row)
+        for name, t in out.items():
+            assert torch.equal(t, net.state_dict()[name]), name
+
+
+def test_plan_merge_batched_refuses_bad_outputs(checkpoints):
+    """An output missing a tensor, or shaped otherwise, is named; nothing is written."""
+    net = fresh_net("plan-batched-bad")
+    plan = lcsc_fast.MergePlan(net, checkpoints)
+    floats = {k: v for k, v in net.state_dict().items() if v.is_floating_point()}
+    name = next(iter(floats))
+    outs = [{k: torch.zeros_like(v) for k, v in floats.items()} for _ in range(2)]
+    del outs[1][name]
+    rows = [[1.0 / len(checkpoints)] * len(checkpoints)] * 2
+    with pytest.raises(ValueError, match=rf"outs\[1\] has no tensor '{re.escape(name)}'"):
+        plan.merge_batched(rows, outs)
+    outs[1][name] = torch.zeros(3)
+    with pytest.raises(ValueError, match=rf"outs\[1\]\['{re.escape(name)}'\]: shape"):
+        plan.merge_batched(rows, outs)
+    assert all(torch.count_nonzero(t) == 0 for t in outs[0].values())

@@ -579,6 +579,25 @@ def test_merge_larger_than_memory_releases_pages_and_equals(run, paths, stores, 
                                       f"base={b}")
 
 
+@pytest.mark.parametrize("kind", ["raw", "packed"])
+def test_merge_batched_equals_single_merges(run, paths, stores, bdict, kind):
+    """Trajectory.merge_batched writes K candidates in one pass; each output holds the bits of
+    the single merge with its row, for every base form."""
+    source = paths if kind == "raw" else stores("bf16", 2, 7)
+    g = torch.Generator().manual_seed(11)
+    with Trajectory.open(source) as traj:
+        rows = torch.randn(4, len(traj), generator=g, dtype=torch.float64).tolist()
+        for b in BASES:
+            base = resolve_base(b, bdict)
+            outs = [{n: torch.full(traj.shapes[n], float("nan")) for n in traj._float_names}
+                    for _ in rows]
+            traj.merge_batched(rows, outs, base=base)
+            for row, out in zip(rows, outs):
+                single = traj.merge(row, base=base, dtype=torch.float32)
+                for n in traj._float_names:
+                    assert_bitwise_equal(out[n], single[n], f"base={b} {n}")
+
+
 # ================================================================ the staged path
 
 @pytest.mark.parametrize("chunk", param("chunk_nbytes", [1, 64, 300, 2**30]))
