@@ -6,13 +6,16 @@ straight into a model's parameter buffers.
 
 __version__ = "0.1.0"
 
+from . import coefficients
 from .engine import MergePlan, build_info, merge_into, weighted_sum, weighted_sum_batched
 from .pack import pack
 from .recorder import Recorder
 from .safetensors_io import CheckpointError
+from .search import SearchResult, search
 from .trajectory import Trajectory
 
 __all__ = [
-    "__version__", "CheckpointError", "MergePlan", "Recorder", "Trajectory", "build_info", "merge_into", "pack",
-    "weighted_sum", "weighted_sum_batched",
+    "__version__", "CheckpointError", "MergePlan", "Recorder", "SearchResult", "Trajectory",
+    "build_info", "coefficients", "merge_into", "pack", "search", "weighted_sum",
+    "weighted_sum_batched",
 ]
