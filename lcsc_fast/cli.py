@@ -24,11 +24,12 @@ import json
 import math
 import os
 import sys
-import tempfile
 import textwrap
 import traceback
 from collections import Counter
 from collections.abc import Mapping
+
+from ._io import write_atomically
 
 __all__ = ["main"]
 
@@ -456,28 +457,10 @@ def _short(values, k: int = 6) -> str:
         map(repr, values[-(k // 2):])) + f"] ({len(values)} steps)"
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _atomic(path: str, write) -> None:
     """write(tmp) to a temporary file beside path, then rename it onto path: path is either
     its old self or complete, never half-written."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
-                               prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make the output private
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    write_atomically(path, write)
 
 
 # ---------------------------------------------------------------- pack

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from ._io import fsync_dir
 from .safetensors_io import (DTYPE_NAMES, SAFETENSORS_DTYPES, CheckpointError, MappedFile,
                              read_header)
 from .trajectory import PACKED_FORMAT, Trajectory, _element_size, _engine_code, _Segments
@@ -118,11 +119,11 @@ def pack(traj, out_dir, dtype="bf16", base: int = 0, block_elems: int = 65536) -
         json.dump(manifest, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(partial)
+    fsync_dir(partial)
     if os.path.exists(out_dir):
         os.rmdir(out_dir)  # empty, checked above
     os.replace(partial, out_dir)
-    _fsync_dir(os.path.dirname(os.path.abspath(out_dir)))
+    fsync_dir(os.path.dirname(os.path.abspath(out_dir)))
     return out_dir
 
 
@@ -140,14 +141,6 @@ def _file_record(path: str) -> dict:
         for block in iter(lambda: f.read(2**22), b""):
             digest.update(block)
     return {"nbytes": os.path.getsize(path), "sha256": digest.hexdigest()}
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def open_packed(cls, path: str, manifest: dict, verify: bool = False) -> Trajectory:

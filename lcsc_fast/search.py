@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from . import coefficients as coeffs_mod
+from ._io import write_atomically
 from .engine import MergePlan, _target_tensors, merge_into
 
 __all__ = ["search", "SearchResult"]
@@ -325,12 +326,11 @@ def _progress_bar(budget: int, done: int, enabled: bool):
 
 
 def _atomic_write(path, data: bytes) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    write_atomically(path, write)
 
 
 def _save_state(path, state) -> None:
