@@ -702,11 +702,13 @@ def test_console_script_runs_a_search_from_the_current_directory(work):
     assert proc.stderr == "lcsc-fast merge: error: --coeffs nope.json: no such file\n"
 
 
-def test_importing_lcsc_fast_does_not_import_matplotlib():
+def test_importing_lcsc_fast_does_not_import_matplotlib(tmp_path):
     code = ("import sys, lcsc_fast, lcsc_fast.cli, lcsc_fast.plots; "
             "assert 'matplotlib' not in sys.modules, 'matplotlib was imported'")
+    # From tmp_path: python -c puts the working directory first on sys.path, and from the
+    # repository root that is the source tree, not the installed package.
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120, check=False)
+                          timeout=120, check=False, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
 
 
