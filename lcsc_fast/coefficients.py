@@ -22,6 +22,8 @@ __all__ = [
 
 # LCSC App. E.5, Tab. 14: the EMA rates of the EMA* grid search.
 EMA_STAR_RATES = (0.999, 0.9995, 0.9999, 0.999943, 0.99995, 0.99997, 0.99999)
+# EDM2's usual power-function EMA widths (relative standard deviation of the averaging profile).
+POWER_SIGMA_RELS = (0.05, 0.10)
 
 # sigma_rel(gamma) rises from 0 at gamma -> -1 to its peak at the root of gamma^2 + 3 gamma + 1
 # (where d/dgamma log sigma_rel = 1/(g+1) - 2/(g+2) - 1/(g+3) vanishes), then falls to 0.
@@ -218,10 +220,12 @@ def power_ema(steps: Sequence[int], gamma: float | None = None,
     return _normalised(w)
 
 
-def baselines(steps: Sequence[int], ema_rates: Sequence[float] = EMA_STAR_RATES
-              ) -> dict[str, list[float]]:
+def baselines(steps: Sequence[int], ema_rates: Sequence[float] = EMA_STAR_RATES,
+              power_sigma_rels: Sequence[float] = POWER_SIGMA_RELS) -> dict[str, list[float]]:
     """The baseline coefficient vectors of LCSC's comparisons (Sec. 5, App. E.5): "last",
-    "uniform" and one "ema <rate>" per rate (the paper's EMA* grid by default)."""
+    "uniform", one "ema <rate>" per rate (the paper's EMA* grid by default), and one
+    "power sigma_rel=<s>" per EDM2 power-function EMA width (EDM2's 0.05 and 0.10 by
+    default)."""
     steps = _check_steps(steps)
     if isinstance(ema_rates, (str, bytes)) or not isinstance(ema_rates, Sequence):
         raise TypeError(f"ema_rates: expected a sequence of EMA rates, got "
@@ -234,6 +238,8 @@ def baselines(steps: Sequence[int], ema_rates: Sequence[float] = EMA_STAR_RATES
         if name in out:
             raise ValueError(f"ema_rates[{i}]: {rate!r} appears twice; list each rate once")
         out[name] = ema(steps, rate)
+    for sigma_rel in power_sigma_rels:
+        out[f"power sigma_rel={float(sigma_rel)!r}"] = power_ema(steps, sigma_rel=sigma_rel)
     return out
 
 

@@ -264,7 +264,8 @@ def test_search_end_to_end_writes_coefficients_history_plots_and_table(work, cap
     # The table: the search first, then every baseline with its score, best first.
     rows = [line.split() for line in out.splitlines()[1:] if line.strip()]
     assert rows[0][:3] == ["lcsc", "search", f"{record['score']:.6g}"]
-    table = {" ".join(r[:-1]) if r[0] != "ema*" else "ema*": r for r in rows[1:12]}
+    table = {" ".join(r[:-1]) if r[0] != "ema*" else "ema*": r
+             for r in rows[1:1 + len(record["baselines"])]}
     for baseline, score in record["baselines"].items():
         assert f"{score:.6g}" in table[baseline], (baseline, table)
     assert "wrote out/coefficients.json" in out

@@ -209,7 +209,9 @@ def test_baselines():
     steps = [0, 3, 7, 10]
     b = C.baselines(steps)
     assert list(b) == ["last", "uniform", "ema 0.999", "ema 0.9995", "ema 0.9999", "ema 0.999943",
-                       "ema 0.99995", "ema 0.99997", "ema 0.99999"]
+                       "ema 0.99995", "ema 0.99997", "ema 0.99999", "power sigma_rel=0.05",
+                       "power sigma_rel=0.1"]
+    assert b["power sigma_rel=0.05"] == C.power_ema(steps, sigma_rel=0.05)
     assert b["last"] == C.last(4) and b["uniform"] == C.uniform(4)
     for rate in C.EMA_STAR_RATES:
         assert b[f"ema {rate!r}"] == C.ema(steps, rate)
@@ -218,8 +220,8 @@ def test_baselines():
 
 
 def test_baselines_custom_rates_use_float_repr():
-    b = C.baselines([1, 2], ema_rates=[np.float64(0.5), 0])
-    assert list(b) == ["last", "uniform", "ema 0.5", "ema 0.0"]
+    b = C.baselines([1, 2], ema_rates=[np.float64(0.5), 0], power_sigma_rels=[np.float64(0.2)])
+    assert list(b) == ["last", "uniform", "ema 0.5", "ema 0.0", "power sigma_rel=0.2"]
     assert b["ema 0.0"] == [0.0, 1.0]
 
 

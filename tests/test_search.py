@@ -12,7 +12,8 @@
   included; a state file of a search with other arguments is refused and left untouched.
 * NaN / infinite scores count as the worst and are logged; an objective that is never finite
   still completes (all candidates worst: a finite coefficient vector with a non-finite score).
-* Baselines: last, uniform, the paper's EMA* grid and "ema*", each scored by the objective.
+* Baselines: last, uniform, the paper's EMA* grid, "ema*" and EDM2's power-function EMA at
+  two widths, each scored by the objective.
 * Inputs: a list of state dicts or a lcsc_fast.Trajectory (safetensors files, a recorded
   directory with its steps); the target an nn.Module or a dict of tensors. Bad arguments raise
   before the objective is ever called.
@@ -534,7 +535,8 @@ def test_baselines_are_the_papers_and_scored_by_the_objective(bowl):
     assert set(result.baseline_coefficients) == names
     ema_names = {k for k in names if k.startswith("ema ")}
     assert {"last", "uniform", "ema*"} <= names
-    assert names == {"last", "uniform", "ema*"} | ema_names
+    assert names == {"last", "uniform", "ema*", "power sigma_rel=0.05",
+                     "power sigma_rel=0.1"} | ema_names
     assert sorted(float(k[4:]) for k in ema_names) == sorted(EMA_GRID)
 
     n = bowl.n
