@@ -46,6 +46,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ._io import fsync_dir
+
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks, so no guard against two Recorders
@@ -109,16 +111,8 @@ def _replace(src: str, dst: str) -> None:
     os.replace(src, dst)
 
 
-def _fsync_dir(path: str) -> None:
-    """Make the renames in directory `path` durable (Windows cannot open a directory; its
-    renames are durable when they return)."""
-    if os.name == "nt":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+# A module attribute of its own: the crash-simulation tests intercept each file operation here.
+_fsync_dir = fsync_dir
 
 
 def _remove_quietly(path: str) -> None:
