@@ -6,7 +6,7 @@ straight into a model's parameter buffers.
 
 __version__ = "0.1.0"
 
-from . import coefficients
+from . import coefficients, metrics
 from .engine import MergePlan, build_info, merge_into, weighted_sum, weighted_sum_batched
 from .pack import pack
 from .recorder import Recorder
@@ -16,6 +16,6 @@ from .trajectory import Trajectory
 
 __all__ = [
     "__version__", "CheckpointError", "MergePlan", "Recorder", "SearchResult", "Trajectory",
-    "build_info", "coefficients", "merge_into", "pack", "search", "weighted_sum",
+    "build_info", "coefficients", "merge_into", "metrics", "pack", "search", "weighted_sum",
     "weighted_sum_batched",
 ]

@@ -18,7 +18,8 @@ def test_public_api():
     """lcsc_fast exports exactly the documented names, and they are the engine's functions."""
     assert set(lcsc_fast.__all__) == {"__version__", "CheckpointError", "MergePlan", "Recorder",
                                       "SearchResult", "Trajectory", "build_info",
-                                      "coefficients", "merge_into", "pack", "search",
+                                      "coefficients", "merge_into", "metrics", "pack",
+                                      "search",
                                       "weighted_sum", "weighted_sum_batched"}
     for name in lcsc_fast.__all__:
         assert hasattr(lcsc_fast, name), name
