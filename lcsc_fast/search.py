@@ -101,7 +101,7 @@ def search(trajectory, objective, target, budget: int = 2000, algorithm: str = "
         baseline_coefficients = coeffs_mod.baselines(steps)
         baselines = {name: evaluate(w) for name, w in baseline_coefficients.items()}
         ema_names = [k for k in baselines if k.startswith("ema ")]
-        best_ema = min(ema_names, key=lambda k: (_rank(baselines[k]), ema_names.index(k)))
+        best_ema = min(ema_names, key=lambda k: (baselines[k], ema_names.index(k)))
         baselines["ema*"] = baselines[best_ema]
         baseline_coefficients["ema*"] = baseline_coefficients[best_ema]
         rng = np.random.default_rng(seed)
@@ -121,7 +121,7 @@ def search(trajectory, objective, target, budget: int = 2000, algorithm: str = "
             for x, score in zip(generation, evaluate.many(
                     [coeffs_mod.from_difference(list(x)) for x in generation])):
                 scores.append(score)
-                if _rank(score) < _rank(state["best_score"]) or state["best_x"] is None:
+                if score < state["best_score"] or state["best_x"] is None:
                     state["best_x"], state["best_score"] = np.array(x), score
                 entry = {"evaluation": len(history) + 1, "generation": state["algo"].generation,
                          "score": score, "best_score": state["best_score"]}
@@ -166,11 +166,6 @@ def _check_options(algorithm: str, opts: dict) -> None:
                 f"sigma0: {opts['sigma0']!r} must be None or positive")
 
 
-def _rank(score: float) -> float:
-    """Scores for comparison: NaN ranks as the worst, like +inf."""
-    return math.inf if math.isnan(score) else score
-
-
 class _Evaluator:
     """Merges candidates (direct coefficients) into the target and scores them."""
 
@@ -192,6 +187,9 @@ class _Evaluator:
     def __call__(self, w: list[float]) -> float:
         self.merge(w)
         return self._score()
+
+    # Scores are finite or +inf (a NaN from the objective becomes +inf), so plain comparisons
+    # rank the worst last everywhere.
 
     def _score(self) -> float:
         score = float(self.objective(self.target))
@@ -259,7 +257,7 @@ class _Genetic:
     def ask(self, rng) -> list[np.ndarray]:
         if self.scores is None:  # generation 0: the EMA-initialised population itself
             return [x.copy() for x in self.population]
-        order = sorted(range(self.size), key=lambda i: (_rank(self.scores[i]), i))
+        order = sorted(range(self.size), key=lambda i: (self.scores[i], i))
         parents = [self.population[i] for i in order[:self.parents]]
         children = []
         for _ in range(self.size):
@@ -283,7 +281,7 @@ class _Cmaes:
     def __init__(self, baseline_coefficients, baselines, opts, seed):
         from cmaes import CMA
 
-        start = min(baselines, key=lambda k: (_rank(baselines[k]), k))
+        start = min(baselines, key=lambda k: (baselines[k], k))
         mean = np.array(coeffs_mod.to_difference(baseline_coefficients[start]))
         rms = math.sqrt(float(np.mean(mean ** 2))) or 1.0 / (len(mean) + 1)
         sigma0 = opts["sigma0"] if opts["sigma0"] is not None else 0.5 * rms
