@@ -132,7 +132,7 @@ def parse_header(raw: bytes, file_nbytes: int, path: str = "<header>") -> Header
                 or not all(_is_int(o) for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
             raise CheckpointError(f"{where}: data_offsets {offsets!r} is not [begin, end] with "
                                   "0 <= begin <= end")
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         expected = math.prod(shape) * itemsize
         begin, end = offsets
         if end - begin != expected:

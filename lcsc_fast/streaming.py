@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from . import _C
-from .trajectory import _chunks
+from .trajectory import _chunks, _code_nbytes
 
 __all__ = ["merge_staged"]
 
@@ -30,7 +30,7 @@ def merge_staged(traj, targets, device, columns, base_column, extra,
     if not isinstance(targets[0], (list, tuple)):  # one output: a list of tensors, a column list
         targets, columns = [targets], [columns]
     on_cuda = device.type == "cuda"
-    element_size = np.where(seg.dtype[rows] == 0, 4, 2).astype(np.int64)  # engine dtype codes
+    element_size = _code_nbytes(seg.dtype[rows])
     region = seg.numel[rows, None] * element_size  # [R, M] bytes of each source run
     padded = (region + _ALIGN - 1) // _ALIGN * _ALIGN
     src_addr = traj._addresses()[seg.file[rows]] + seg.offset[rows].astype(np.uint64)

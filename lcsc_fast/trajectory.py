@@ -56,7 +56,12 @@ def _engine_code(dtype: torch.dtype) -> int:
 
 
 def _element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
+
+
+def _code_nbytes(codes: np.ndarray) -> np.ndarray:
+    """Bytes per element for engine dtype codes (float32: 4, float16/bfloat16: 2)."""
+    return np.where(codes == 0, 4, 2).astype(np.int64)
 
 
 class Trajectory(Sequence):
@@ -181,7 +186,7 @@ class Trajectory(Sequence):
                              dtype=np.int64)
             codes = np.array([_engine_code(entries[name][1].dtype) for entries in per_checkpoint],
                              dtype=np.int32)
-            size = np.where(codes == 0, 4, 2).astype(np.int64)
+            size = _code_nbytes(codes)
             numel = math.prod(shapes[name])
             starts = np.arange(0, numel, SEGMENT_ELEMS, dtype=np.int64)
             lens = np.minimum(SEGMENT_ELEMS, numel - starts)
@@ -450,7 +455,7 @@ class Trajectory(Sequence):
 
     def _advise(self, segments: np.ndarray, advice: int) -> None:
         seg = self._segments
-        lengths = seg.numel[segments, None] * np.where(seg.dtype[segments] == 0, 4, 2)
+        lengths = seg.numel[segments, None] * _code_nbytes(seg.dtype[segments])
         for f in np.unique(seg.file[segments]):
             mask = seg.file[segments] == f
             begin = int(seg.offset[segments][mask].min())
