@@ -10,6 +10,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "lcsc/lora.h"
 #include "lcsc/merge.h"
 
 namespace py = pybind11;
@@ -68,6 +69,32 @@ struct Tables {
   }
 };
 
+// One layer's low-rank merge: N checkpoints' factor pointers ([N] uint64 each) and float32
+// weights ([N]), with the sizes and dtype codes that lcsc_fast/lora.py validated.
+struct LoraTables {
+  py::buffer_info as, bs, weights;
+  lcsc::LoraArgs args;
+
+  LoraTables(int64_t m, int64_t n, int64_t rank, uintptr_t out, int32_t out_dtype,
+             uintptr_t base, int32_t base_dtype, const py::buffer& as_, const py::buffer& bs_,
+             int32_t factor_dtype, const py::buffer& weights_)
+      : as(as_.request()), bs(bs_.request()), weights(weights_.request()) {
+    const int64_t N = as.size;
+    args.m = m;
+    args.n = n;
+    args.rank = rank;
+    args.num_checkpoints = N;
+    args.out = reinterpret_cast<void*>(out);
+    args.out_dtype = out_dtype;
+    args.base = reinterpret_cast<const void*>(base);
+    args.base_dtype = base_dtype;
+    args.as = reinterpret_cast<const void* const*>(table<uint64_t>(as, N, "as"));
+    args.bs = reinterpret_cast<const void* const*>(table<uint64_t>(bs, N, "bs"));
+    args.factor_dtype = factor_dtype;
+    args.weights = table<float>(weights, N, "weights");
+  }
+};
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -100,6 +127,41 @@ PYBIND11_MODULE(_C, m) {
         py::gil_scoped_release release;
         lcsc::merge_cuda(tables.args, device, stream);
       },
+      "The same op enqueued on a CUDA stream (a cudaStream_t as an int).");
+
+  m.def(
+      "lora_cpu",
+      [](int64_t m, int64_t n, int64_t rank, uintptr_t out, int32_t out_dtype, uintptr_t base,
+         int32_t base_dtype, py::buffer as, py::buffer bs, int32_t factor_dtype,
+         py::buffer weights, int num_threads) {
+        LoraTables tables(m, n, rank, out, out_dtype, base, base_dtype, as, bs, factor_dtype,
+                          weights);
+        py::gil_scoped_release release;
+        lcsc::lora_cpu(tables.args, num_threads);
+      },
+      py::arg("m"), py::arg("n"), py::arg("rank"), py::arg("out"), py::arg("out_dtype"),
+      py::arg("base"), py::arg("base_dtype"), py::arg("as_"), py::arg("bs"),
+      py::arg("factor_dtype"), py::arg("weights"), py::arg("num_threads"),
+      "out[m, n] = base + sum_i weights[i] * B_i[m, rank] @ A_i[rank, n] on the CPU, fused over "
+      "the concatenated rank (base 0 = none; may equal out).");
+
+  m.def("lora_cpu_scratch_nbytes", &lcsc::lora_cpu_scratch_nbytes, py::arg("m"), py::arg("n"),
+        py::arg("total_rank"), py::arg("num_threads"),
+        "Bytes of scratch lora_cpu allocates for an m x n layer of concatenated rank total_rank.");
+
+  m.def(
+      "lora_cuda",
+      [](int64_t m, int64_t n, int64_t rank, uintptr_t out, int32_t out_dtype, uintptr_t base,
+         int32_t base_dtype, py::buffer as, py::buffer bs, int32_t factor_dtype,
+         py::buffer weights, int device, uintptr_t stream) {
+        LoraTables tables(m, n, rank, out, out_dtype, base, base_dtype, as, bs, factor_dtype,
+                          weights);
+        py::gil_scoped_release release;
+        lcsc::lora_cuda(tables.args, device, stream);
+      },
+      py::arg("m"), py::arg("n"), py::arg("rank"), py::arg("out"), py::arg("out_dtype"),
+      py::arg("base"), py::arg("base_dtype"), py::arg("as_"), py::arg("bs"),
+      py::arg("factor_dtype"), py::arg("weights"), py::arg("device"), py::arg("stream"),
       "The same op enqueued on a CUDA stream (a cudaStream_t as an int).");
 
   m.def(

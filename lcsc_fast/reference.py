@@ -7,11 +7,12 @@ CPU in float64, whatever the inputs' device and dtype.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
 
-__all__ = ["weighted_sum", "weighted_sum_batched", "merge"]
+__all__ = ["weighted_sum", "weighted_sum_batched", "merge", "lora_weighted_sum"]
 
 
 def _f64(t: torch.Tensor) -> torch.Tensor:
@@ -66,3 +67,26 @@ def merge(
             deltas = [_f64(ck[name]) - theta_b for ck in checkpoints]
             merged[name] = weighted_sum(deltas, coeffs, theta_b)
     return merged
+
+
+def lora_weighted_sum(
+    out_shape: Sequence[int],
+    As: Sequence[torch.Tensor],
+    Bs: Sequence[torch.Tensor],
+    coeffs: Sequence[float],
+    base: torch.Tensor | None = None,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """base + scale * sum_i coeffs[i] * Bs[i] @ As[i] shaped out_shape, in float64 on the CPU.
+
+    The dense products one by one, as lcsc_fast.lora_weighted_sum defines the merge: A_i
+    [r, *rest] or [r, n], B_i [m, r] or [m, r, 1, 1], n = prod(out_shape[1:]).
+    """
+    m = out_shape[0]
+    acc = torch.zeros((m, math.prod(out_shape[1:])), dtype=torch.float64)
+    for c, a, b in zip(coeffs, As, Bs, strict=True):
+        product = _f64(b).reshape(m, -1) @ _f64(a).reshape(b.shape[1], -1)  # [m, n]
+        acc += float(scale) * float(c) * product
+    if base is not None:
+        acc += _f64(base).reshape(acc.shape)
+    return acc.reshape(tuple(out_shape))

@@ -18,7 +18,8 @@ def test_public_api():
     """lcsc_fast exports exactly the documented names, and they are the engine's functions."""
     assert set(lcsc_fast.__all__) == {"__version__", "CheckpointError", "MergePlan", "Recorder",
                                       "SearchResult", "Trajectory", "build_info",
-                                      "coefficients", "merge_into", "metrics", "pack",
+                                      "coefficients", "lora_weighted_sum", "merge_into",
+                                      "metrics", "pack",
                                       "search",
                                       "weighted_sum", "weighted_sum_batched"}
     for name in lcsc_fast.__all__:
@@ -27,7 +28,8 @@ def test_public_api():
         assert callable(getattr(lcsc_fast, name))
         assert getattr(lcsc_fast, name) is getattr(lcsc_fast.engine, name)
     assert re.fullmatch(r"\d+\.\d+\.\d+([.+-].*)?", lcsc_fast.__version__)
-    assert set(reference.__all__) == {"weighted_sum", "weighted_sum_batched", "merge"}
+    assert set(reference.__all__) == {"weighted_sum", "weighted_sum_batched", "merge",
+                                      "lora_weighted_sum"}
 
 
 def test_build_info_keys_and_types():

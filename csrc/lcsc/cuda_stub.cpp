@@ -1,6 +1,7 @@
-// Compiled instead of merge_cuda.cu when CMake finds no CUDA compiler (or LCSC_CUDA=OFF).
+// Compiled instead of merge_cuda.cu and lora_cuda.cu when CMake finds no CUDA compiler (or LCSC_CUDA=OFF).
 #include <stdexcept>
 
+#include "lora.h"
 #include "merge.h"
 
 namespace lcsc {
@@ -9,6 +10,11 @@ bool cuda_compiled() { return false; }
 int cuda_device_count() { return 0; }
 
 void merge_cuda(const MergeArgs&, int, uintptr_t) {
+  throw std::runtime_error(
+      "lcsc_fast was built without CUDA; reinstall with nvcc on PATH to merge CUDA tensors");
+}
+
+void lora_cuda(const LoraArgs&, int, uintptr_t) {
   throw std::runtime_error(
       "lcsc_fast was built without CUDA; reinstall with nvcc on PATH to merge CUDA tensors");
 }
