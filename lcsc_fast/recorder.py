@@ -18,7 +18,8 @@ On-disk format (what Trajectory.open reads):
 `file` is relative to the manifest's directory, `nbytes` is the file's size (so a reader can
 tell a truncated file), snapshots are in ascending step order. A snapshot holds the state_dict
 entries that are floating point (integer ones such as num_batches_tracked are skipped) under
-their state_dict names, with metadata {"step": "<step>", "format": "lcsc_fast.snapshot"}.
+their state_dict names, with metadata {"step": "<step>", "format": "lcsc_fast.snapshot"}; with
+include=..., only the entries it selects (a LoRA run's adapters, say, without the frozen base).
 
 Crash safety. Every file is written under a temporary name ending in ".tmp" in the same
 directory, fsynced, renamed to its final name with os.replace, and the directory is fsynced;
@@ -201,12 +202,14 @@ class _Stream:
     `snapshots` only while the writer is idle; the writer thread appends to `snapshots`.
     """
 
-    def __init__(self, label: str, module: torch.nn.Module, directory: str, every: int):
+    def __init__(self, label: str, module: torch.nn.Module, directory: str, every: int,
+                 names: list[str] | None = None):
         self.label = label  # "model" or "ema", for messages
         self.module = module
         self.directory = directory
         self.every = every
-        self.shapes = _float_shapes(module, label)  # {name: shape}, state_dict order
+        self.selected = names is not None  # include=...: only these entries are recorded
+        self.shapes = _float_shapes(module, label, names)  # {name: shape}, state_dict order
         self.snapshots: list[dict] = []  # manifest entries, ascending steps
         self.buffers: dict[str, tuple[torch.Tensor, bool]] = {}  # name -> (buffer, pinned)
 
@@ -227,7 +230,7 @@ class _Stream:
         out = {}
         state = self.module.state_dict()
         for name, t in state.items():
-            if not t.is_floating_point():
+            if not t.is_floating_point() or (self.selected and name not in self.shapes):
                 continue
             if self.shapes.get(name) != tuple(t.shape):
                 out = None  # named below
@@ -247,7 +250,8 @@ class _Stream:
                 buf.copy_(t)  # synchronous: training mutates t right after step() returns
             out[name] = buf
         if out is None or len(out) != len(self.shapes):
-            now = {n: tuple(t.shape) for n, t in state.items() if t.is_floating_point()}
+            now = {n: tuple(t.shape) for n, t in state.items() if t.is_floating_point()
+                   and (not self.selected or n in self.shapes)}
             raise ValueError(
                 f"the {self.label}'s floating-point state changed since the Recorder was "
                 f"created ({_describe_mismatch(now, self.shapes, 'it now', 'it then')})"
@@ -354,8 +358,9 @@ class _Stream:
         if shapes != self.shapes:
             diff = _describe_mismatch(self.shapes, shapes, f"the {self.label}",
                                       self.snapshots[-1]["file"])
-            raise ValueError(f"{self.directory} holds snapshots of a different {self.label} "
-                             f"({diff}); record this {self.label} into a new directory")
+            other = " (or ones recorded with another include=)" if self.selected else ""
+            raise ValueError(f"{self.directory} holds snapshots of a different {self.label}"
+                             f"{other} ({diff}); record this {self.label} into a new directory")
 
     def unlisted(self) -> tuple[dict[int, str], list[str]]:
         """({step: path} of unlisted snapshot files that are complete snapshots of this module
@@ -384,14 +389,46 @@ class _Stream:
         return good, bad
 
 
-def _float_shapes(module, label: str) -> dict[str, tuple]:
+def _float_shapes(module, label: str, names: list[str] | None = None) -> dict[str, tuple]:
+    """{name: shape} of the floating-point state entries to record: all of them, or `names`."""
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"{label}: expected a torch.nn.Module, got {type(module).__name__}")
-    shapes = {n: tuple(t.shape) for n, t in module.state_dict().items() if t.is_floating_point()}
+    state = module.state_dict()
+    if names is not None:
+        lacking = [n for n in names if n not in state or not state[n].is_floating_point()]
+        if lacking:
+            raise ValueError(f"{label}: include= selected {_few(lacking)} on the model, but the "
+                             f"{label}'s state_dict has no such floating-point entries; the model "
+                             f"and the {label} must have the same architecture")
+        wanted = set(names)
+        return {n: tuple(t.shape) for n, t in state.items() if n in wanted}
+    shapes = {n: tuple(t.shape) for n, t in state.items() if t.is_floating_point()}
     if not shapes:
         raise ValueError(f"{label}: its state_dict has no floating-point tensors, so there is "
                          "nothing to record")
     return shapes
+
+
+def _selected_names(model, include) -> list[str] | None:
+    """The state_dict names include= selects on the model (None: every floating-point entry)."""
+    if include is None:
+        return None
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    floats = [n for n, t in model.state_dict().items() if t.is_floating_point()]
+    if isinstance(include, str) and include == "trainable":
+        trainable = {n for n, p in model.named_parameters(remove_duplicate=False)
+                     if p.requires_grad}
+        names = [n for n in floats if n in trainable]
+    elif callable(include):
+        names = [n for n in floats if include(n)]
+    else:
+        raise TypeError(f"include: expected None, 'trainable' or a callable name -> bool, got "
+                        f"{include!r}")
+    if not names:
+        raise ValueError(f"include={include!r} selects none of the model's floating-point "
+                         "state_dict entries, so there is nothing to record")
+    return names
 
 
 # ---------------------------------------------------------------- background writer
@@ -536,12 +573,17 @@ class Recorder:
     <dir>/discarded/ (and <dir>/ema/discarded/). Use that when training resumes from a
     checkpoint older than the last snapshot.
 
+    include records only some floating-point entries: "trainable" (the parameters that require
+    grad when the Recorder is created: a LoRA run's adapters, without the frozen base weights in
+    every snapshot) or a callable name -> bool. The names are chosen once, on `model`, and the
+    same names are recorded from `ema`.
+
     close() (or leaving the with block) writes the pending snapshot and stops the thread.
     """
 
     def __init__(self, model: torch.nn.Module, directory, every: int,
                  ema: torch.nn.Module | None = None, dtype: torch.dtype | None = None, *,
-                 truncate_after_resume: bool = False):
+                 truncate_after_resume: bool = False, include=None):
         if isinstance(every, bool) or not isinstance(every, int):
             raise TypeError(f"every: expected an int, got {type(every).__name__}")
         if every < 1:
@@ -550,9 +592,10 @@ class Recorder:
             raise TypeError(f"dtype: {dtype} is not supported; use None (keep each tensor's "
                             "dtype), torch.float32, torch.float16 or torch.bfloat16")
         directory = os.path.abspath(os.fspath(directory))
-        streams = [_Stream("model", model, directory, every)]
+        names = _selected_names(model, include)
+        streams = [_Stream("model", model, directory, every, names)]
         if ema is not None:
-            streams.append(_Stream("ema", ema, os.path.join(directory, EMA_DIR), every))
+            streams.append(_Stream("ema", ema, os.path.join(directory, EMA_DIR), every, names))
         self._directory = directory
         self._every = every
         self._dtype = dtype

@@ -87,13 +87,25 @@ class Trajectory(Sequence):
     # ------------------------------------------------------------------ opening
 
     @classmethod
-    def open(cls, source, *, verify: bool = False) -> "Trajectory":
+    def open(cls, source, *, verify: bool = False, base=None, scale=None) -> "Trajectory":
         """Open a Recorder directory, a packed store, a list of .safetensors files, or a list of
         sharded checkpoints (each a model.safetensors.index.json, or a directory holding one).
 
         Headers are read and checked; tensor data is not read, except with verify=True on a
         packed store, which checks every file's SHA-256 against the manifest.
+
+        With base= (the frozen weights W0: a state dict, an nn.Module, or safetensors files),
+        source holds LoRA adapters instead (a Recorder directory, PEFT adapter folders, or
+        adapter_model.safetensors files), and a LoraTrajectory is returned: checkpoint i is
+        W0 + s B_i A_i. scale= gives s where no adapter_config.json does. See
+        lcsc_fast.lora_trajectory.
         """
+        if base is not None or scale is not None:
+            if verify:
+                raise TypeError("verify= checks a packed store's files; LoRA adapters have none")
+            from .lora_trajectory import LoraTrajectory
+
+            return LoraTrajectory.open(source, base=base, scale=scale)
         if isinstance(source, (str, os.PathLike)):
             path = os.fspath(source)
             manifest_path = os.path.join(path, "manifest.json")
@@ -109,6 +121,9 @@ class Trajectory(Sequence):
                 raise CheckpointError(f"{manifest_path}: unknown format {fmt!r}; expected "
                                       f"{RECORDER_FORMAT!r} or {PACKED_FORMAT!r}")
             if os.path.isdir(path):
+                if os.path.exists(os.path.join(path, "adapter_config.json")):
+                    raise CheckpointError(f"{path} holds a LoRA adapter; open it with the frozen "
+                                          "base weights: Trajectory.open(adapters, base=...)")
                 raise CheckpointError(f"{path}: no manifest.json here; pass a Recorder directory, "
                                       "a packed store, or a list of checkpoint files")
             source = [path]
@@ -120,25 +135,8 @@ class Trajectory(Sequence):
 
     @classmethod
     def _open_recorded(cls, path: str, manifest: dict) -> "Trajectory":
-        snapshots = manifest.get("snapshots")
-        if not isinstance(snapshots, list) or not snapshots:
-            raise CheckpointError(f"{path}/manifest.json lists no snapshots")
-        files, steps = [], []
-        for k, snap in enumerate(snapshots):
-            try:
-                step, name, nbytes = int(snap["step"]), str(snap["file"]), int(snap["nbytes"])
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{path}/manifest.json: snapshot {k} needs step, file and "
-                                      "nbytes") from None
-            file = os.path.join(path, name)
-            size = os.path.getsize(file) if os.path.exists(file) else None
-            if size != nbytes:
-                what = "is missing" if size is None else f"has {size} bytes"
-                raise CheckpointError(f"{file} {what}, but the manifest lists {nbytes} bytes "
-                                      "(a deleted or damaged snapshot)")
-            files.append([file])
-            steps.append(step)
-        return cls._from_checkpoints(files, steps=steps)
+        files, steps = _recorded_snapshots(path, manifest)
+        return cls._from_checkpoints([[f] for f in files], steps=steps)
 
     @classmethod
     def _from_checkpoints(cls, checkpoints: list[list[str]], steps: list[int]) -> "Trajectory":
@@ -512,6 +510,29 @@ def _chunks(nbytes: np.ndarray, limit: int) -> list[tuple[int, int]]:
                              side="left")
     edges = [0, *sorted(set(int(b) + 1 for b in bounds if b + 1 < len(nbytes))), len(nbytes)]
     return [(lo, hi) for lo, hi in zip(edges, edges[1:]) if hi > lo]
+
+
+def _recorded_snapshots(path: str, manifest: dict) -> tuple[list[str], list[int]]:
+    """The snapshot files a Recorder manifest lists, checked against their sizes, and steps."""
+    snapshots = manifest.get("snapshots")
+    if not isinstance(snapshots, list) or not snapshots:
+        raise CheckpointError(f"{path}/manifest.json lists no snapshots")
+    files, steps = [], []
+    for k, snap in enumerate(snapshots):
+        try:
+            step, name, nbytes = int(snap["step"]), str(snap["file"]), int(snap["nbytes"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}/manifest.json: snapshot {k} needs step, file and "
+                                  "nbytes") from None
+        file = os.path.join(path, name)
+        size = os.path.getsize(file) if os.path.exists(file) else None
+        if size != nbytes:
+            what = "is missing" if size is None else f"has {size} bytes"
+            raise CheckpointError(f"{file} {what}, but the manifest lists {nbytes} bytes "
+                                  "(a deleted or damaged snapshot)")
+        files.append(file)
+        steps.append(step)
+    return files, steps
 
 
 def _read_json(path: str):

@@ -541,6 +541,116 @@ def test_restart_refuses_a_manifest_whose_file_changed(tmp_path):
         Recorder(small_model(), tmp_path, every=2)
 
 
+# ---------------------------------------------------------------- recording some entries only
+
+
+def adapter_like(seed: int = 0) -> Net:
+    """A Net whose weights are frozen: what trains (the biases) stands in for LoRA adapters."""
+    model = Net(seed)
+    for name, p in model.named_parameters():
+        p.requires_grad_(not name.endswith("weight"))
+    return model
+
+
+TRAINABLE = ["conv.bias", "bn.bias", "fc.bias"]
+
+
+def test_include_trainable_records_the_trainable_parameters_only(tmp_path):
+    """include="trainable": each snapshot holds the parameters that require grad, under their
+    state_dict names, from the model and (the same names, though nothing of it trains) the EMA;
+    a restart appends; a Recorder recording everything is refused on that directory."""
+    model, g = adapter_like(), generator("recorder include")
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    expected = {}
+    with Recorder(model, tmp_path, every=2, ema=ema, include="trainable") as rec:
+        for step in range(5):
+            train_step(model, opt, g)
+            with torch.no_grad():
+                ema.fc.bias.lerp_(model.fc.bias, 0.5)
+            rec.step(step)
+            if step % 2 == 0:
+                state, ema_state = float_state(model), float_state(ema)
+                expected[step] = ({n: state[n] for n in TRAINABLE},
+                                  {n: ema_state[n] for n in TRAINABLE})
+    assert check_trajectory(tmp_path, every=2) == check_trajectory(tmp_path / "ema", every=2)
+    for step, (want, want_ema) in expected.items():
+        for directory, w in ((tmp_path, want), (tmp_path / "ema", want_ema)):
+            got = load_file(directory / f"step-{step:08d}.safetensors")
+            assert list(got) == sorted(TRAINABLE)
+            for name in TRAINABLE:
+                assert_bitwise_equal(got[name], w[name], f"{directory} step {step} {name}")
+    with Recorder(model, tmp_path, every=2, ema=ema, include="trainable") as rec:
+        assert rec.last_step == 4
+        rec.step(6)
+    assert steps_of(tmp_path) == steps_of(tmp_path / "ema") == [0, 2, 4, 6]
+    with pytest.raises(ValueError, match="holds snapshots of a different model \\(only in the "
+                                         "model: 'scale64', 'half_buf', 'conv.weight'"):
+        Recorder(model, tmp_path, every=2, ema=ema)
+    record(tmp_path / "whole", range(0, 3))
+    with pytest.raises(ValueError, match=r"a different model \(or ones recorded with another "
+                                         r"include=\)"):
+        Recorder(small_model(), tmp_path / "whole", every=2, include=lambda n: "bias" in n)
+
+
+def test_include_callable_fixes_the_names_when_created(tmp_path):
+    model = small_model()
+    with Recorder(model, tmp_path, every=1, include=lambda n: n.endswith("bias")) as rec:
+        rec.step(0)
+        model.register_buffer("extra_bias", torch.zeros(2))  # not chosen at creation: ignored
+        fill(model, 1)
+        rec.step(1)
+        model[1].bias = torch.nn.Parameter(torch.zeros(4))
+        with pytest.raises(ValueError, match="changed since the Recorder was created.*'1.bias' "
+                                             "is \\[4\\] in it now but \\[3\\] in it then"):
+            rec.step(2)
+    assert steps_of(tmp_path) == [0, 1]
+    assert list(load_file(tmp_path / "step-00000001.safetensors")) == ["0.bias", "1.bias"]
+    assert_snapshot_is_step(tmp_path / "step-00000001.safetensors", 1)
+
+
+def test_include_errors(tmp_path):
+    with pytest.raises(TypeError, match="include: expected None, 'trainable' or a callable"):
+        Recorder(small_model(), tmp_path, every=1, include="all")
+    frozen = small_model().requires_grad_(False)
+    with pytest.raises(ValueError, match="include='trainable' selects none of the model's"):
+        Recorder(frozen, tmp_path, every=1, include="trainable")
+    with pytest.raises(ValueError, match="ema: include= selected 'conv.bias', 'bn.bias', "
+                                         "'fc.bias' on the model, but the ema's state_dict"):
+        Recorder(adapter_like(), tmp_path, every=1, ema=small_model(), include="trainable")
+    assert not os.path.exists(tmp_path / "manifest.json")
+
+
+def test_include_restart_lists_a_complete_unlisted_snapshot(tmp_path, monkeypatch):
+    """Killed after a snapshot of the selected entries was renamed into place but before the
+    manifest listed it: a restart with the same include lists it (it is a complete snapshot of
+    exactly those entries)."""
+    model = adapter_like()
+    rec = Recorder(model, tmp_path, every=1, include="trainable")
+    fill(model, 0)
+    rec.step(0)
+    rec.flush()
+
+    def replace(src, dst):
+        if os.path.basename(dst) == "manifest.json":
+            raise Killed
+        os.replace(src, dst)
+
+    monkeypatch.setattr(R, "_replace", replace)
+    fill(model, 1)
+    rec.step(1)
+    with pytest.raises(RuntimeError):
+        rec.close()
+    monkeypatch.undo()
+    assert steps_of(tmp_path) == [0]
+    with Recorder(adapter_like(), tmp_path, every=1, include="trainable") as rec:
+        assert rec.last_step == 1
+    assert check_trajectory(tmp_path, every=1) == [0, 1]
+    assert list(load_file(tmp_path / "step-00000001.safetensors")) == sorted(TRAINABLE)
+    assert_snapshot_is_step(tmp_path / "step-00000001.safetensors", 1)
+    assert not (tmp_path / "discarded").exists()
+
+
 # ---------------------------------------------------------------- crash safety
 
 
