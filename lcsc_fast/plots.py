@@ -121,3 +121,30 @@ def _save(fig, path) -> str:
     path = os.fspath(path)
     fig.savefig(path, dpi=_DPI, format="png")
     return path
+
+
+def plot_image_grid(images, path, title: str = "", columns: int = 8) -> str:
+    """Write a PNG of images [n, 1, H, W] with values in [-1, 1] as a grey grid; returns path."""
+    import numpy as np
+
+    x = np.asarray(images.detach().cpu().float().clamp(-1, 1) if hasattr(images, "detach")
+                   else images, dtype=np.float32)
+    if x.ndim != 4 or x.shape[1] != 1 or len(x) == 0:
+        raise ValueError(f"plot_image_grid: expected [n, 1, H, W] images, got {x.shape}")
+    n, _, h, w = x.shape
+    rows = -(-n // columns)
+    mosaic = np.full((rows * (h + 1) + 1, columns * (w + 1) + 1), -1.0, dtype=np.float32)
+    for k in range(n):
+        r, c = divmod(k, columns)
+        mosaic[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + c * (w + 1):1 + c * (w + 1) + w] = x[k, 0]
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.0, 4.0 * rows / columns + 0.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.imshow(mosaic, cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize="small")
+    return _save(fig, path)

@@ -639,6 +639,8 @@ def test_every_help_example_runs(tmp_path, monkeypatch, capsys):
                 argv = shlex.split(line.split("#")[0])[1:]
                 argv = [a for arg in argv for a in (sorted(glob.glob(arg)) if "*" in arg
                                                     else [arg])]
+                if argv[0] == "demo":
+                    continue  # minutes of training: tests/test_demo.py runs it, --quick
                 if argv[0] == "search":
                     argv.append("--no-progress")
                 code, _, err = run(capsys, *argv)

@@ -1,0 +1,51 @@
+"""`lcsc-fast demo --quick`: the whole pipeline (train, record, search, evaluate, report)."""
+
+import json
+import math
+
+import pytest
+
+pytest.importorskip("sklearn")
+pytest.importorskip("cleanfid")
+
+from lcsc_fast import cli  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "report"
+    assert cli.main(["demo", "--quick", "--out", str(out), "--seed", "3", "--no-progress"]) == 0
+    return out
+
+
+def test_report_folder_holds_summary_results_and_figures(quick_demo):
+    names = {p.name for p in quick_demo.iterdir()}
+    assert {"summary.md", "results.json", "search.png", "coefficients.png",
+            "coefficients-first-quarter.png", "search-first-quarter.png", "run"} <= names
+    results = json.loads((quick_demo / "results.json").read_text())
+    for method in results["methods"]:
+        assert (quick_demo / method["samples_png"]).stat().st_size > 0
+    summary = (quick_demo / "summary.md").read_text()
+    assert "| LCSC |" in summary and "seed 3" in summary
+
+
+def test_results_name_every_method_with_fid_steps_nfe_and_samples(quick_demo):
+    results = json.loads((quick_demo / "results.json").read_text())
+    methods = {m["method"].split(" (")[0]: m for m in results["methods"]}
+    assert {"last checkpoint", "EMA 0.999", "EMA*", "LCSC", "EMA* first 25%",
+            "LCSC first 25%"} <= set(methods)
+    total = results["checkpoint_steps"][-1]
+    assert methods["LCSC"]["training_steps"] == total
+    assert methods["LCSC first 25%"]["training_steps"] == total // 4
+    for m in results["methods"]:
+        assert math.isfinite(m["fid"]) and m["fid"] > 0
+        assert m["nfe"] == 1 and m["samples"] == 1000
+    assert all(math.isfinite(m["search_fid"]) for m in results["methods"])
+    lcsc = methods["LCSC"]["coefficients"]
+    assert len(lcsc) == len(results["checkpoint_steps"])
+    assert math.isclose(sum(lcsc), 1.0, abs_tol=1e-9)
+
+
+def test_refuses_to_run_over_an_earlier_demo(quick_demo, capsys):
+    assert cli.main(["demo", "--quick", "--out", str(quick_demo), "--no-progress"]) == 2
+    assert "exists" in capsys.readouterr().err
