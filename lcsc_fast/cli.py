@@ -161,7 +161,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="training steps (default: 4000; --quick: 600)")
     p.add_argument("--checkpoints", type=_positive_int, metavar="N",
                    help="snapshots recorded over the run; must divide --steps (default: 100; "
-                        "--quick: 30)")
+                        "--quick: 40)")
     p.add_argument("--budget", type=_positive_int, metavar="N",
                    help="evaluations per search (default: 1000; --quick: 64)")
     p.add_argument("--sample-steps", type=int, choices=(1, 2), default=1,

@@ -58,7 +58,7 @@ class DemoConfig:
     @classmethod
     def quick(cls, **overrides) -> DemoConfig:
         """The same pipeline, small enough for under 2 minutes on two CPU cores."""
-        return cls(**{"train_steps": 600, "teacher_steps": 400, "checkpoints": 30,
+        return cls(**{"train_steps": 600, "teacher_steps": 400, "checkpoints": 40,
                       "budget": 64, "search_samples": 400, "eval_samples": 1000,
                       "lora_steps": 300,
                       **overrides})

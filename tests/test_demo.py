@@ -32,11 +32,11 @@ def test_report_folder_holds_summary_results_and_figures(quick_demo):
 def test_results_name_every_method_with_fid_steps_nfe_and_samples(quick_demo):
     results = json.loads((quick_demo / "results.json").read_text())
     methods = {m["method"].split(" (")[0]: m for m in results["methods"]}
-    assert {"last checkpoint", "EMA 0.999", "EMA*", "LCSC", "EMA* first 25%",
-            "LCSC first 25%"} <= set(methods)
+    assert {"last checkpoint", "EMA 0.999", "EMA*", "LCSC", "first 25%: EMA*",
+            "first 25%: LCSC"} <= set(methods)
     total = results["checkpoint_steps"][-1]
     assert methods["LCSC"]["training_steps"] == total
-    assert methods["LCSC first 25%"]["training_steps"] == total // 4
+    assert methods["first 25%: LCSC"]["training_steps"] == total // 4
     for m in results["methods"]:
         assert math.isfinite(m["fid"]) and m["fid"] > 0
         assert m["nfe"] == 1 and m["samples"] == 1000
