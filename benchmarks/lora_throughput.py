@@ -12,6 +12,9 @@ R = N * r. What is compared (out is float32; factors float32 or bfloat16; scale 
                      MKL/oneDNN sgemm on the CPU, cuBLAS on CUDA
   lcsc_fast fused    lcsc_fast.lora_weighted_sum(out, As, Bs, c): one native pass over the
                      concatenated rank, c_i applied while packing, no concatenated copies
+  lcsc_fast LoraPlan the same op through lcsc_fast.LoraPlan(out, As, Bs), built once untimed,
+                     then plan(c) per merge: what a search pays per layer (validation once;
+                     per call the coefficients' check, the pointers' re-check, the native call)
 
 and, as ceilings that are not a merge by themselves (the concatenation is prepared untimed):
 
@@ -158,6 +161,7 @@ class LoraData:
         self.coeffs = self.coeffs_t.tolist()
         self.coeffs_device = self.coeffs_t.to(device)
         self.out = torch.empty(m, n, dtype=torch.float32, device=device)
+        self.plan = lcsc_fast.LoraPlan(self.out, self.As, self.Bs)
         self.gemm_b = self.gemm_a = self.gemm_b16 = self.gemm_a16 = None
         if ceilings:
             weights = self.coeffs_device.repeat_interleave(r)
@@ -190,6 +194,10 @@ def fused(d: LoraData) -> torch.Tensor:
     return lcsc_fast.lora_weighted_sum(d.out, d.As, d.Bs, d.coeffs)
 
 
+def planned(d: LoraData) -> torch.Tensor:
+    return d.plan(d.coeffs)
+
+
 def gemm_only(d: LoraData) -> torch.Tensor:
     return torch.mm(d.gemm_b, d.gemm_a, out=d.out)
 
@@ -200,8 +208,9 @@ def gemm_16bit(d: LoraData) -> torch.Tensor:
 
 TORCH_VARIANTS = {"torch addmm loop": torch_addmm_loop, "torch cat + mm": torch_cat_mm}
 FUSED = "lcsc_fast fused"
+PLAN = "lcsc_fast LoraPlan"
 CEILINGS = {"GEMM only (fp32)": gemm_only, "cuBLAS 16-bit GEMM": gemm_16bit}
-ALL_VARIANTS = {**TORCH_VARIANTS, FUSED: fused, **CEILINGS}
+ALL_VARIANTS = {**TORCH_VARIANTS, FUSED: fused, PLAN: planned, **CEILINGS}
 UNCHECKED = {"cuBLAS 16-bit GEMM"}  # rounds scaled factors and the result to 16 bits
 
 
@@ -218,7 +227,7 @@ def analytic_extra_nbytes(name: str, cfg: Config) -> int | None:
         return (m + n) * r * 4 if wide else 0
     if name == "torch cat + mm":
         return (m + n) * R * (6 if wide else 4) + R * 4
-    if name == FUSED:
+    if name in (FUSED, PLAN):
         if cfg.device == "cpu":
             return lcsc_fast._C.lora_cpu_scratch_nbytes(m, n, R, torch.get_num_threads())
         return cfg.num_checkpoints * 20
@@ -463,10 +472,10 @@ def print_rows(cfg: Config, rows: list[dict]) -> None:
 
 
 def print_summary(results: list[tuple[Config, list[dict]]]) -> None:
-    print("\nsummary: lcsc_fast fused vs the best pure-torch variant (min times), and as a "
-          "fraction of the bare GEMM ceiling")
+    print("\nsummary: lcsc_fast fused (one-shot, and through a LoraPlan) vs the best pure-torch "
+          "variant (min times), and the one-shot op as a fraction of the bare GEMM ceiling")
     print(f"{'device':<6} {'dtype':<5} {'m x n':>10} {'N':>4} {'r':>3} {'R':>6} "
-          f"{'fused GFLOP/s':>13} {'vs best torch':>13} {'of GEMM':>8}")
+          f"{'fused GFLOP/s':>13} {'vs best torch':>13} {'plan vs torch':>13} {'of GEMM':>8}")
     for cfg, rows in results:
         by = {r["variant"]: r for r in rows if r["status"] == "ok"}
         ours = by.get(FUSED)
@@ -476,10 +485,11 @@ def print_summary(results: list[tuple[Config, list[dict]]]) -> None:
         gemm = by.get("GEMM only (fp32)")
         frac = f"{100 * gemm['fused_fraction_of_this']:.0f}%" if gemm else "-"
         speedup = ours.get("speedup_vs_best_torch")
+        plan = by.get(PLAN, {}).get("speedup_vs_best_torch")
         print(f"{cfg.device:<6} {cfg.dtype_name:<5} {f'{cfg.m}x{cfg.n}':>10} "
               f"{cfg.num_checkpoints:>4} {cfg.rank:>3} {cfg.total_rank:>6} "
               f"{ours['gflops']:>13.1f} {(f'{speedup:.2f}x' if speedup else '-'):>13} "
-              f"{frac:>8}")
+              f"{(f'{plan:.2f}x' if plan else '-'):>13} {frac:>8}")
 
 
 def machine_info(devices: list[str]) -> dict:

@@ -136,14 +136,19 @@ class _Plan:
         if self.device.type == "cpu":
             _C.merge_cpu(*tables, torch.get_num_threads(), guard_faults)
             return
-        if not _C.cuda_compiled():
-            raise RuntimeError(
-                "lcsc_fast was built without CUDA, so it cannot merge CUDA tensors. Reinstall "
-                "on a machine with nvcc on PATH (pip install --force-reinstall --no-cache-dir .); "
-                "the build log says 'lcsc_fast: CUDA kernels enabled' when it finds it.")
-        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        stream = torch.cuda.current_stream(index).cuda_stream
-        _C.merge_cuda(*tables, index, stream)
+        _C.merge_cuda(*tables, *cuda_launch(self.device))
+
+
+def cuda_launch(device: torch.device) -> tuple[int, int]:
+    """(device index, torch's current stream there) for a CUDA kernel launch; RuntimeError
+    saying how to build with CUDA if this build has no CUDA kernels."""
+    if not _C.cuda_compiled():
+        raise RuntimeError(
+            "lcsc_fast was built without CUDA, so it cannot merge CUDA tensors. Reinstall "
+            "on a machine with nvcc on PATH (pip install --force-reinstall --no-cache-dir .); "
+            "the build log says 'lcsc_fast: CUDA kernels enabled' when it finds it.")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return index, torch.cuda.current_stream(index).cuda_stream
 
 
 # ---------------------------------------------------------------- validation helpers

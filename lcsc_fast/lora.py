@@ -21,9 +21,9 @@ from operator import attrgetter
 import torch
 
 from . import _C
-from .engine import _DTYPE_CODES, _check_float32_finite, _check_tensor
+from .engine import _DTYPE_CODES, _check_float32_finite, _check_tensor, cuda_launch
 
-__all__ = ["lora_weighted_sum"]
+__all__ = ["LoraPlan", "lora_weighted_sum"]
 
 
 def _check_factors(factors, what: str) -> list:
@@ -167,6 +167,63 @@ def _validate(out, As, Bs, base) -> tuple[int, int, int, array, array]:
     return m, n, r, a_ptrs, b_ptrs
 
 
+class LoraPlan:
+    """lora_weighted_sum(out, As, Bs, ., base, scale) prepared once: plan(coeffs) merges.
+
+    The arguments are validated and the factors' pointer tables built here, once, so a call
+    costs the coefficients' check, a comparison of every tensor's data pointer with the one
+    validated (a factor, out or base whose storage was replaced or freed raises ValueError
+    before anything is written) and the native merge. The plan keeps references to its
+    tensors; their values may change between calls (they are read at each call), their shapes
+    must not.
+    """
+
+    def __init__(self, out: torch.Tensor, As: Sequence[torch.Tensor],
+                 Bs: Sequence[torch.Tensor], base: torch.Tensor | None = None,
+                 scale: float = 1.0):
+        m, n, r, a_ptrs, b_ptrs = _validate(out, As, Bs, base)
+        self.scale = scale
+        _coefficients([0.0] * len(a_ptrs), len(a_ptrs), scale)  # a bad scale raises now
+        self.out, self.base = out, base
+        self._As, self._Bs = list(As), list(Bs)
+        self._a_ptrs, self._b_ptrs = a_ptrs, b_ptrs
+        self._out_ptr = out.data_ptr()
+        self._base_ptr = 0 if base is None else base.data_ptr()
+        self._args = (m, n, r, self._out_ptr, _DTYPE_CODES[out.dtype], self._base_ptr,
+                      0 if base is None else _DTYPE_CODES[base.dtype], a_ptrs, b_ptrs,
+                      _DTYPE_CODES[self._As[0].dtype])
+
+    def __len__(self) -> int:
+        """The number of checkpoints (one coefficient each)."""
+        return len(self._a_ptrs)
+
+    def _check_storage(self) -> None:
+        moved = [what for what, now, then in (
+            ("out", self.out.data_ptr(), self._out_ptr),
+            ("base", 0 if self.base is None else self.base.data_ptr(), self._base_ptr))
+            if now != then]
+        for what, factors, ptrs in (("As", self._As, self._a_ptrs), ("Bs", self._Bs, self._b_ptrs)):
+            if array("Q", map(torch.Tensor.data_ptr, factors)) != ptrs:
+                i = next(i for i, t in enumerate(factors) if t.data_ptr() != ptrs[i])
+                moved.append(f"{what}[{i}]")
+        if moved:
+            raise ValueError(f"{moved[0]}: its storage changed (replaced, resized or freed) "
+                             "since this LoraPlan was built; build a new plan")
+
+    def __call__(self, coeffs) -> torch.Tensor:
+        """out = base + scale * sum_i coeffs[i] * Bs[i] @ As[i]; returns out."""
+        weights = _coefficients(coeffs, len(self._a_ptrs), self.scale)
+        self._check_storage()
+        out = self.out
+        if out.numel() == 0:
+            return out
+        if out.device.type == "cpu":
+            _C.lora_cpu(*self._args, weights, torch.get_num_threads())
+            return out
+        _C.lora_cuda(*self._args, weights, *cuda_launch(out.device))
+        return out
+
+
 def lora_weighted_sum(out: torch.Tensor, As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor],
                       coeffs, base: torch.Tensor | None = None, scale: float = 1.0
                       ) -> torch.Tensor:
@@ -181,24 +238,7 @@ def lora_weighted_sum(out: torch.Tensor, As: Sequence[torch.Tensor], Bs: Sequenc
     All tensors on one device; CUDA runs on torch's current stream.
 
     One pass over the concatenated rank N * r, accumulating in float32 in checkpoint order, so
-    on the CPU results are bitwise identical for any thread count and SIMD level.
+    on the CPU results are bitwise identical for any thread count and SIMD level. Merging the
+    same factors many times (a search): build a LoraPlan once and call it.
     """
-    m, n, r, a_ptrs, b_ptrs = _validate(out, As, Bs, base)
-    weights = _coefficients(coeffs, len(a_ptrs), scale)
-    if out.numel() == 0:
-        return out
-    tables = (m, n, r, out.data_ptr(), _DTYPE_CODES[out.dtype],
-              0 if base is None else base.data_ptr(),
-              0 if base is None else _DTYPE_CODES[base.dtype],
-              a_ptrs, b_ptrs, _DTYPE_CODES[As[0].dtype], weights)
-    if out.device.type == "cpu":
-        _C.lora_cpu(*tables, torch.get_num_threads())
-        return out
-    if not _C.cuda_compiled():
-        raise RuntimeError(
-            "lcsc_fast was built without CUDA, so it cannot merge CUDA tensors. Reinstall on a "
-            "machine with nvcc on PATH (pip install --force-reinstall --no-cache-dir .); the "
-            "build log says 'lcsc_fast: CUDA kernels enabled' when it finds it.")
-    index = out.device.index if out.device.index is not None else torch.cuda.current_device()
-    _C.lora_cuda(*tables, index, torch.cuda.current_stream(index).cuda_stream)
-    return out
+    return LoraPlan(out, As, Bs, base, scale)(coeffs)

@@ -16,8 +16,8 @@ LEVELS = ("scalar", "avx2", "avx512")
 
 def test_public_api():
     """lcsc_fast exports exactly the documented names, and they are the engine's functions."""
-    assert set(lcsc_fast.__all__) == {"__version__", "CheckpointError", "MergePlan", "Recorder",
-                                      "SearchResult", "Trajectory", "build_info",
+    assert set(lcsc_fast.__all__) == {"__version__", "CheckpointError", "LoraPlan", "MergePlan",
+                                      "Recorder", "SearchResult", "Trajectory", "build_info",
                                       "coefficients", "lora_weighted_sum", "merge_into",
                                       "metrics", "pack",
                                       "search",

@@ -25,7 +25,7 @@ import torch
 from conftest import (DTYPES, MIXED_CYCLE, OUT_KINDS, assert_bitwise_equal, assert_unchanged,
                       assert_within_torch_error, device_params, fp32_coeffs, generator, nan_like,
                       param, randn, snapshot, use_simd_level)
-from lcsc_fast import lora_weighted_sum, reference
+from lcsc_fast import LoraPlan, lora_weighted_sum, reference
 
 FACTOR_KINDS = ("fp32", "fp16", "bf16")
 SIMD_LEVELS = ("avx2", "avx512")
@@ -410,6 +410,71 @@ def test_bad_containers_layouts_and_devices():
     case = Case()
     case.base = torch.zeros(10, 13)
     expect_error(case, ValueError, r"base: shape \(10, 13\) differs from out's \(10, 12\)")
+
+
+# ---------------------------------------------------------------- LoraPlan
+
+def test_plan_matches_the_one_shot_op_bitwise():
+    """A plan built once and called with several coefficient rows gives, bit for bit, what
+    lora_weighted_sum gives for each, and reads the factors' current values at each call."""
+    g = generator("plan")
+    shape = (100, 70)
+    As, Bs = factors(shape, 8, 12, torch.bfloat16, g)
+    base = randn(shape, torch.float32, g)
+    out, expected = torch.empty(shape), torch.empty(shape)
+    plan = LoraPlan(out, As, Bs, base=base, scale=0.5)
+    assert len(plan) == 12
+    for k in range(3):
+        coeffs = fp32_coeffs(12, g)
+        assert plan(coeffs) is out
+        lora_weighted_sum(expected, As, Bs, coeffs, base=base, scale=0.5)
+        assert_bitwise_equal(out, expected)
+        check_accuracy(out, As, Bs, coeffs, base, 0.5)
+        As[k].mul_(-1)  # values may change between calls; the next call must see them
+
+
+def test_plan_refuses_replaced_storage():
+    """A tensor of the plan whose storage was replaced or freed since the plan was built:
+    ValueError naming it, and out keeps its bits."""
+    def broken(how):
+        case = Case()
+        case.base = torch.zeros(10, 12)
+        plan = LoraPlan(case.out, case.As, case.Bs, base=case.base)
+        how(case)
+        case.call = lambda: plan(case.coeffs)
+        return case
+
+    case = broken(lambda c: c.As[1].set_(torch.randn(4, 12)))
+    expect_error(case, ValueError, r"As\[1\]: its storage changed .*build a new plan")
+    case = broken(lambda c: c.Bs[2].set_(torch.randn(10, 4)))
+    expect_error(case, ValueError, r"Bs\[2\]: its storage changed")
+    case = broken(lambda c: c.base.untyped_storage().resize_(0))
+    expect_error(case, ValueError, r"base: its storage changed")
+    case = Case()
+    plan = LoraPlan(case.out, case.As, case.Bs)
+    kept = case.out
+    case.out = torch.zeros(10, 12)
+    kept.set_(case.out)  # out now points elsewhere: the plan must not write the old buffer
+    case.call = lambda: plan(case.coeffs)
+    expect_error(case, ValueError, r"out: its storage changed")
+
+
+def test_plan_checks_arguments_and_coefficients():
+    """A plan validates like the one-shot op when built, and checks coefficients at each call
+    before anything is written."""
+    case = Case()
+    case.Bs[1] = torch.randn(10, 5)
+    with pytest.raises(ValueError, match=r"Bs\[1\]: shape \(10, 5\) differs"):
+        LoraPlan(case.out, case.As, case.Bs)
+    case = Case()
+    with pytest.raises(TypeError, match=r"scale: expected a number"):
+        LoraPlan(case.out, case.As, case.Bs, scale="2")
+    case = Case()
+    plan = LoraPlan(case.out, case.As, case.Bs)
+    for coeffs, error, match in (([1.0, 2.0], ValueError, r"coeffs: 2 coefficients for 3"),
+                                 ([1.0, float("nan"), 0.0], ValueError, r"coeffs\[1\] is nan")):
+        case.call = lambda coeffs=coeffs: plan(coeffs)
+        expect_error(case, error, match)
 
 
 @pytest.mark.cuda
