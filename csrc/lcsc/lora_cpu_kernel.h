@@ -1,5 +1,5 @@
 // The CPU low-rank merge, written once over a vector-ops type V (Scalar, Avx2, Avx512) and
-// compiled in one translation unit per SIMD level, like merge_cpu_kernel.h.
+// compiled in the translation unit of each SIMD level (cpu_<level>.cpp), like merge_cpu_kernel.h.
 //
 // A GEMM out[m, n] = Bw[m, R] @ A[R, n] over the concatenated rank R = N * r, where
 // Bw[j][i*r + p] = fl32(w_i * B_i[j][p]) is formed while packing (never stored whole), blocked

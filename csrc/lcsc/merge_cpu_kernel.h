@@ -1,5 +1,5 @@
 // The CPU merge algorithm, written once over a vector-ops type V (Scalar, Avx2, Avx512) and
-// compiled in one translation unit per SIMD level.
+// compiled in one translation unit per SIMD level (cpu_<level>.cpp).
 //
 // Work is split into tiles of up to `tile` elements of one tensor. For each tile, sources are
 // streamed in groups of eight: eight vectors are loaded and converted to float once, then

@@ -1,8 +1,10 @@
-// AVX2 + FMA + F16C low-rank kernel, 8 floats a vector. Compiled with -mavx2 -mfma -mf16c;
-// called only after the CPU has been checked for all three.
+// AVX2 + FMA + F16C vector ops, 8 floats a vector, and the merge tile and low-rank kernel
+// built on them. Compiled with -mavx2 -mfma -mf16c; called only after the CPU has been checked
+// for all three.
 #include <immintrin.h>
 
 #include "lora_cpu_kernel.h"
+#include "merge_cpu_kernel.h"
 
 namespace {
 
@@ -13,6 +15,7 @@ using lcsc::kFloat32;
 struct Avx2 {
   using Reg = __m256;
   static constexpr int64_t kWidth = 8;
+  static constexpr bool kPairs = false;
 
   template <int32_t D>
   static __m256 load(const void* p, int64_t i) {
@@ -70,6 +73,11 @@ struct Avx2 {
 };
 
 }  // namespace
+
+lcsc::cpu::TileFn lcsc::cpu::avx2_tile() { return &lcsc_cpu_tile::Tile<Avx2>::run; }
+lcsc::cpu::FmaProbeFn lcsc::cpu::avx2_fma_probe() {
+  return &lcsc_cpu_tile::Tile<Avx2>::fma_probe;
+}
 
 // 6 rows x 16 columns: twelve accumulators, two A vectors and a broadcast in sixteen registers.
 lcsc::cpu::LoraKernel lcsc::cpu::avx2_lora() {

@@ -1,7 +1,9 @@
-// AVX-512F tile, 16 floats a vector. Compiled with -mavx512f (plus AVX2/FMA/F16C); called only
-// after the CPU and the OS have been checked for AVX-512 state.
+// AVX-512F vector ops, 16 floats a vector, and the merge tile and low-rank kernel built on them.
+// Compiled with -mavx512f (plus AVX2/FMA/F16C); called only after the CPU and the OS have been
+// checked for AVX-512 state.
 #include <immintrin.h>
 
+#include "lora_cpu_kernel.h"
 #include "merge_cpu_kernel.h"
 
 namespace {
@@ -62,9 +64,11 @@ struct Avx512 {
 
   static __m512 load_acc(const float* p) { return _mm512_loadu_ps(p); }
   static void store_acc(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+  static __m512 zero() { return _mm512_setzero_ps(); }
   static __m512 broadcast(float c) { return _mm512_set1_ps(c); }
   static __m512 fma(__m512 c, __m512 x, __m512 acc) { return _mm512_fmadd_ps(c, x, acc); }
   static __m512 add(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
+  static __m512 mul(__m512 a, __m512 b) { return _mm512_mul_ps(a, b); }
 };
 
 }  // namespace
@@ -72,4 +76,10 @@ struct Avx512 {
 lcsc::cpu::TileFn lcsc::cpu::avx512_tile() { return &lcsc_cpu_tile::Tile<Avx512>::run; }
 lcsc::cpu::FmaProbeFn lcsc::cpu::avx512_fma_probe() {
   return &lcsc_cpu_tile::Tile<Avx512>::fma_probe;
+}
+
+// 12 rows x 32 columns: 24 accumulators, two A vectors and broadcasts in 32 registers; a
+// 192-rank panel of A (192 x 32 floats, 24 KiB) stays in a 32-48 KiB L1 while the rows sweep it.
+lcsc::cpu::LoraKernel lcsc::cpu::avx512_lora() {
+    return lcsc_cpu_lora::LoraTile<Avx512, 12, 2>::kernel();
 }

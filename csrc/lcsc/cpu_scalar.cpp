@@ -1,12 +1,15 @@
-// The portable low-rank kernel: one float at a time. The reference the SIMD levels must match
-// to the bit, and the path on CPUs without AVX2 and (auto-vectorised) on non-x86 machines.
+// The portable vector ops: one float at a time, and the merge tile and low-rank kernel built on
+// them. The reference the SIMD levels must match to the bit, the path on CPUs without AVX2,
+// and (auto-vectorised) the path on non-x86 machines.
 #include "lora_cpu_kernel.h"
+#include "merge_cpu_kernel.h"
 
 namespace {
 
 struct Scalar {
   using Reg = float;
   static constexpr int64_t kWidth = 1;
+  static constexpr bool kPairs = false;
   template <int32_t D>
   static float load(const void* p, int64_t i) { return lcsc::load_as_float(p, i, D); }
   template <int32_t D, bool kStream = false>
@@ -21,6 +24,11 @@ struct Scalar {
 };
 
 }  // namespace
+
+lcsc::cpu::TileFn lcsc::cpu::scalar_tile() { return &lcsc_cpu_tile::Tile<Scalar>::run; }
+lcsc::cpu::FmaProbeFn lcsc::cpu::scalar_fma_probe() {
+  return &lcsc_cpu_tile::Tile<Scalar>::fma_probe;
+}
 
 // 4 x 4 floats: sixteen accumulators fit the sixteen SSE registers of x86-64's baseline.
 lcsc::cpu::LoraKernel lcsc::cpu::scalar_lora() {
