@@ -133,17 +133,19 @@ PYBIND11_MODULE(_C, m) {
       "lora_cpu",
       [](int64_t m, int64_t n, int64_t rank, uintptr_t out, int32_t out_dtype, uintptr_t base,
          int32_t base_dtype, py::buffer as, py::buffer bs, int32_t factor_dtype,
-         py::buffer weights, int num_threads) {
+         py::buffer weights, int num_threads, bool guard_faults) {
         LoraTables tables(m, n, rank, out, out_dtype, base, base_dtype, as, bs, factor_dtype,
                           weights);
         py::gil_scoped_release release;
-        lcsc::lora_cpu(tables.args, num_threads);
+        lcsc::lora_cpu(tables.args, num_threads, guard_faults);
       },
       py::arg("m"), py::arg("n"), py::arg("rank"), py::arg("out"), py::arg("out_dtype"),
       py::arg("base"), py::arg("base_dtype"), py::arg("as_"), py::arg("bs"),
       py::arg("factor_dtype"), py::arg("weights"), py::arg("num_threads"),
+      py::arg("guard_faults") = false,
       "out[m, n] = base + sum_i weights[i] * B_i[m, rank] @ A_i[rank, n] on the CPU, fused over "
-      "the concatenated rank (base 0 = none; may equal out).");
+      "the concatenated rank (base 0 = none; may equal out). guard_faults turns a SIGBUS from a "
+      "truncated memory-mapped factor into RuntimeError.");
 
   m.def("lora_cpu_scratch_nbytes", &lcsc::lora_cpu_scratch_nbytes, py::arg("m"), py::arg("n"),
         py::arg("total_rank"), py::arg("num_threads"),

@@ -176,13 +176,18 @@ class LoraPlan:
     before anything is written) and the native merge. The plan keeps references to its
     tensors; their values may change between calls (they are read at each call), their shapes
     must not.
+
+    guard_faults: the factors are memory-mapped files (a trajectory's): on the CPU a SIGBUS from
+    reading one that was truncated under the mapping raises RuntimeError (out is then partly
+    written) instead of killing the process.
     """
 
     def __init__(self, out: torch.Tensor, As: Sequence[torch.Tensor],
                  Bs: Sequence[torch.Tensor], base: torch.Tensor | None = None,
-                 scale: float = 1.0):
+                 scale: float = 1.0, *, guard_faults: bool = False):
         m, n, r, a_ptrs, b_ptrs = _validate(out, As, Bs, base)
         self.scale = scale
+        self.guard_faults = bool(guard_faults)
         _coefficients([0.0] * len(a_ptrs), len(a_ptrs), scale)  # a bad scale raises now
         self.out, self.base = out, base
         self._As, self._Bs = list(As), list(Bs)
@@ -218,7 +223,7 @@ class LoraPlan:
         if out.numel() == 0:
             return out
         if out.device.type == "cpu":
-            _C.lora_cpu(*self._args, weights, torch.get_num_threads())
+            _C.lora_cpu(*self._args, weights, torch.get_num_threads(), self.guard_faults)
             return out
         _C.lora_cuda(*self._args, weights, *cuda_launch(out.device))
         return out

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from . import engine
-from .lora import lora_weighted_sum
+from .lora import LoraPlan
 from .safetensors_io import CheckpointError, MappedFile, TensorEntry, read_header
 from .trajectory import (PACKED_FORMAT, RECORDER_FORMAT, _checkpoint_files, _normalized,
                          _read_json, _recorded_snapshots)
@@ -516,7 +516,9 @@ class LoraTrajectory(Sequence):
                 if module is None:
                     continue
                 As, Bs = factors[name]
-                lora_weighted_sum(t, As, Bs, lora[name], base=w0[name] if fused else t)
+                # guard_faults: the factors are read from the mapped adapter files
+                LoraPlan(t, As, Bs, base=w0[name] if fused else t,
+                         guard_faults=True)(lora[name])
             with torch.no_grad():
                 for name, t in int_targets.items():
                     t.copy_(ints[name])

@@ -24,6 +24,9 @@ import hashlib
 import json
 import math
 import os
+import subprocess
+import sys
+import textwrap
 
 import peft
 import pytest
@@ -753,3 +756,41 @@ def test_nothing_saved_is_modified(run, tmp_path):
         traj.to("cpu")
         merge_into(target, traj, COEFFS["sum 1"])
     assert sha256s(files) == before
+
+
+def test_truncation_during_a_merge_raises_instead_of_crashing(tmp_path):
+    """The native fault guard on the low-rank path: with the size check disabled (as if an
+    adapter file shrank after it), the merge's reads of vanished pages raise RuntimeError
+    naming SIGBUS and the process lives on (run in a subprocess, in case it does not)."""
+    code = textwrap.dedent("""
+        import os, sys, torch
+        from safetensors.torch import save_file
+        import lcsc_fast
+        from lcsc_fast.safetensors_io import MappedFile
+        folder = sys.argv[1]
+        g = torch.Generator().manual_seed(0)
+        m, n, r = 512, 512, 64  # 128 KiB factors: many pages past the header
+        files = []
+        for i in range(3):
+            files.append(os.path.join(folder, f"{i}.safetensors"))
+            save_file({"lin.lora_A": torch.randn(r, n, generator=g),
+                       "lin.lora_B": torch.randn(m, r, generator=g)}, files[-1])
+        traj = lcsc_fast.Trajectory.open(files, base={"lin.weight": torch.randn(m, n)},
+                                         scale=1.0)
+        with open(files[1], "r+b") as f:
+            f.truncate(128)
+        MappedFile.check_size = lambda self: None
+        try:
+            lcsc_fast.merge_into({"lin.weight": torch.zeros(m, n)}, traj, [0.2, 0.3, 0.5])
+            print("no error")
+        except RuntimeError as e:
+            print("RuntimeError:", e)
+        print("survived")
+    """)
+    # From tmp_path: `python -c` puts the working directory first on sys.path.
+    result = subprocess.run([sys.executable, "-c", code, os.fspath(tmp_path)],
+                            capture_output=True, text=True, timeout=120, cwd=os.fspath(tmp_path))
+    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr[-2000:])
+    lines = result.stdout.splitlines()
+    assert lines[-1] == "survived", result.stdout
+    assert lines[-2].startswith("RuntimeError:") and "SIGBUS" in lines[-2], result.stdout

@@ -45,7 +45,10 @@ void validate(const LoraArgs& args);
 
 // CPU: cache-blocked GEMM over output tiles, OpenMP over tiles with num_threads threads, with
 // the micro-kernel of the SIMD level in use (set_simd_level in merge.h forces one).
-void lora_cpu(const LoraArgs& args, int num_threads);
+// guard_faults: the factors may live in memory-mapped files that can shrink under us. A SIGBUS
+// while reading them then throws std::runtime_error (out partly written) instead of killing
+// the process.
+void lora_cpu(const LoraArgs& args, int num_threads, bool guard_faults = false);
 
 // The scratch lora_cpu allocates for a layer (all threads together): packed panels and, when
 // the rank spans several panels, one float32 output tile per thread. For benchmarks' reports.

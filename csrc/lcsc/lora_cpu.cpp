@@ -1,6 +1,7 @@
 // CPU entry point of the low-rank merge: validates the args, picks the SIMD level's kernel,
 // splits out into tiles and runs them in parallel.
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <memory>
 #include <new>
@@ -15,6 +16,7 @@
 #endif
 
 #include "elementwise.h"
+#include "fault_guard.h"
 #include "lora.h"
 #include "lora_cpu_kernel.h"
 #include "merge.h"
@@ -170,7 +172,7 @@ int64_t lora_cpu_scratch_nbytes(int64_t m, int64_t n, int64_t total_rank, int nu
   return int64_t(sizeof(float)) * p.scratch_floats * p.threads;
 }
 
-void lora_cpu(const LoraArgs& a, int num_threads) {
+void lora_cpu(const LoraArgs& a, int num_threads, bool guard_faults) {
   validate(a);
   if (a.m == 0 || a.n == 0) return;
   const CpuPlan plan = plan_cpu(a.m, a.n, a.num_checkpoints * a.rank, num_threads);
@@ -182,6 +184,8 @@ void lora_cpu(const LoraArgs& a, int num_threads) {
       ::operator new[](sizeof(float) * scratch_floats * threads, std::align_val_t(64))));
 
   const bool stream = a.m * a.n * dtype_nbytes(a.out_dtype) >= kStreamingStoreNbytes;
+  if (guard_faults) install_sigbus_guard();
+  std::atomic<bool> faulted{false};
 
   // Worker threads take the caller's flush-to-zero and denormals-are-zero bits, as merges do.
 #if defined(LCSC_X86_DISPATCH)
@@ -210,12 +214,22 @@ void lora_cpu(const LoraArgs& a, int num_threads) {
       const int64_t row0 = s0 * kernel.mr, col0 = c0 * kernel.nr;
       const int64_t rows = std::min(s1 * kernel.mr, a.m) - row0;
       const int64_t cols = std::min(c1 * kernel.nr, a.n) - col0;
-      kernel.tile(a, row0, rows, col0, cols, mine, stream);
+      const auto tile_job = [&] { kernel.tile(a, row0, rows, col0, cols, mine, stream); };
+      if (!guard_faults) {
+        tile_job();
+      } else if (faulted.load(std::memory_order_relaxed) || !guarded(tile_job)) {
+        faulted.store(true);
+      }
     }
 #if defined(LCSC_X86_DISPATCH)
     if (stream) _mm_sfence();  // order the non-temporal stores before the threads join
     _mm_setcsr(own_csr);
 #endif
+  }
+  if (faulted.load()) {
+    throw std::runtime_error(
+        "a memory-mapped LoRA factor could not be read (SIGBUS): an adapter file was truncated "
+        "or changed while merging; out is partly written");
   }
 }
 

@@ -1,12 +1,8 @@
 // CPU entry point: validates the args, picks the SIMD level once, and runs tiles in parallel.
-#include <csetjmp>
-#include <csignal>
-
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstring>
-#include <mutex>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -20,6 +16,7 @@
 #include <xmmintrin.h>
 #endif
 
+#include "fault_guard.h"
 #include "merge.h"
 #include "merge_cpu_kernel.h"
 
@@ -85,63 +82,6 @@ int64_t tile_elems(int64_t num_outputs) {
   return std::clamp<int64_t>(fit, 64, 4096);
 }
 
-// SIGBUS guard. A thread reading guarded memory publishes a jump buffer; the handler jumps
-// back to it, so a file truncated under a mapping costs an exception, not the process. Faults
-// outside a guarded read go to whatever handler was installed before ours (Python's
-// faulthandler, say) or to the default action.
-// volatile, with signal fences where it is set: the compiler must not drop or move the store
-// around code it believes cannot fault (a memcpy, say).
-thread_local sigjmp_buf* volatile t_fault_jump = nullptr;
-
-inline void arm_fault_guard(sigjmp_buf* jump) {
-  t_fault_jump = jump;
-  std::atomic_signal_fence(std::memory_order_seq_cst);
-}
-
-inline void disarm_fault_guard() {
-  std::atomic_signal_fence(std::memory_order_seq_cst);
-  t_fault_jump = nullptr;
-}
-struct sigaction g_previous_sigbus;
-
-// Runs body() with the guard armed; false when a SIGBUS interrupted it. body must hold no
-// resources (a jump out of it skips destructors): the tile code and memcpy hold none.
-template <class Body>
-bool guarded(Body&& body) {
-  sigjmp_buf jump;
-  if (sigsetjmp(jump, 0) != 0) {
-    disarm_fault_guard();
-    return false;
-  }
-  arm_fault_guard(&jump);
-  body();
-  disarm_fault_guard();
-  return true;
-}
-
-void on_sigbus(int sig, siginfo_t* info, void* context) {
-  if (t_fault_jump != nullptr) siglongjmp(*t_fault_jump, 1);
-  if (g_previous_sigbus.sa_flags & SA_SIGINFO) {
-    g_previous_sigbus.sa_sigaction(sig, info, context);
-  } else if (g_previous_sigbus.sa_handler != SIG_IGN && g_previous_sigbus.sa_handler != SIG_DFL) {
-    g_previous_sigbus.sa_handler(sig);
-  } else {
-    // Restore the previous disposition; returning re-runs the faulting access under it.
-    sigaction(SIGBUS, &g_previous_sigbus, nullptr);
-  }
-}
-
-void install_sigbus_guard() {
-  static std::once_flag once;
-  std::call_once(once, [] {
-    struct sigaction action {};
-    action.sa_sigaction = on_sigbus;
-    // SA_NODEFER: leaving the handler by siglongjmp must not leave SIGBUS blocked.
-    action.sa_flags = SA_SIGINFO | SA_NODEFER;
-    sigemptyset(&action.sa_mask);
-    sigaction(SIGBUS, &action, &g_previous_sigbus);
-  });
-}
 
 }  // namespace
 
