@@ -123,6 +123,23 @@ def test_training_is_reproducible(tmp_path):
         assert torch.equal(x, y), name
 
 
+def test_threads_apply_while_training_only(tmp_path):
+    """config.threads is torch's thread count during training; the caller's count comes back."""
+    seen = []
+    real_train = common._train
+
+    def spy(*args):
+        seen.append(torch.get_num_threads())
+        return real_train(*args)
+
+    common._train, before = spy, torch.get_num_threads()  # 1, from the autouse fixture
+    try:
+        dm.train(_tiny_config(tmp_path, steps=2, every=1, threads=2))
+    finally:
+        common._train = real_train
+    assert seen == [2] and torch.get_num_threads() == before
+
+
 def test_sampler_for_a_fid_objective():
     torch.manual_seed(0)
     model = dm.build_model("mlp", **TINY["mlp"]).eval()

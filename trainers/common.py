@@ -10,6 +10,7 @@ A run folder holds:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -116,9 +117,25 @@ def train(config: TrainConfig, trainer: str, model: Denoiser,
     """Adam on loss_fn(model, batch, step) for config.steps steps over the digits' training
     split, a standard EMA model beside it, and a Recorder snapshot of both every config.every
     steps (steps are counted from 1, after each update). Writes the run folder; returns it.
-    include: what the Recorder records (its include=; None: every floating-point tensor)."""
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    include: what the Recorder records (its include=; None: every floating-point tensor).
+    config.threads applies while training; torch's thread count is restored afterwards."""
+    with _torch_threads(config.threads):
+        return _train(config, trainer, model, loss_fn, extra_config, include)
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None):
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _train(config: TrainConfig, trainer: str, model: Denoiser, loss_fn, extra_config,
+           include) -> Run:
     torch.manual_seed(config.seed)
     os.makedirs(config.out, exist_ok=True)
     spec = model_spec(config, model.kind)
