@@ -192,9 +192,9 @@ class LoraPlan:
         self.out, self.base = out, base
         self._As, self._Bs = list(As), list(Bs)
         self._a_ptrs, self._b_ptrs = a_ptrs, b_ptrs
-        self._out_ptr = out.data_ptr()
-        self._base_ptr = 0 if base is None else base.data_ptr()
-        self._args = (m, n, r, self._out_ptr, _DTYPE_CODES[out.dtype], self._base_ptr,
+        self.out_ptr = out.data_ptr()  # the storage validated, re-checked at each call
+        self.base_ptr = 0 if base is None else base.data_ptr()
+        self._args = (m, n, r, self.out_ptr, _DTYPE_CODES[out.dtype], self.base_ptr,
                       0 if base is None else _DTYPE_CODES[base.dtype], a_ptrs, b_ptrs,
                       _DTYPE_CODES[self._As[0].dtype])
 
@@ -204,8 +204,8 @@ class LoraPlan:
 
     def _check_storage(self) -> None:
         moved = [what for what, now, then in (
-            ("out", self.out.data_ptr(), self._out_ptr),
-            ("base", 0 if self.base is None else self.base.data_ptr(), self._base_ptr))
+            ("out", self.out.data_ptr(), self.out_ptr),
+            ("base", 0 if self.base is None else self.base.data_ptr(), self.base_ptr))
             if now != then]
         for what, factors, ptrs in (("As", self._As, self._a_ptrs), ("Bs", self._Bs, self._b_ptrs)):
             if array("Q", map(torch.Tensor.data_ptr, factors)) != ptrs:

@@ -331,6 +331,9 @@ class LoraTrajectory(Sequence):
         self._float_names = [n for n in sorted(shapes) if dtypes[n].is_floating_point]
         self._views = {}  # key -> CPU tensor viewing the mapped file
         self._resident = None  # after .to(): (device, key -> tensor)
+        # Kept between merges, so that a search's merges validate each layer once:
+        self._factor_lists = {}  # device -> {adapted name: (As, Bs)}, see _factors
+        self._lora_plans = {}  # (output index, adapted name) -> (LoraPlan, its As list)
 
     @classmethod
     def open(cls, source, *, base, scale=None) -> LoraTrajectory:
@@ -429,6 +432,7 @@ class LoraTrajectory(Sequence):
                 f"{self.steps[-1]}, {len(self._modules)} adapted of {len(self.shapes)} tensors)")
 
     def close(self) -> None:
+        self._forget_plans()
         self._views.clear()
         for f in self._files:
             f.close()
@@ -488,15 +492,10 @@ class LoraTrajectory(Sequence):
                 f.check_size()
 
         w0 = {name: self._tensor(name, device) for name in self._float_names}
-        # As [r, n] and Bs [m, r] whatever the layer: B A reshaped is the conv weight's delta.
-        factors = {name: ([self._tensor((name, i, "A"), device).reshape(m.rank, -1)
-                           for i in range(len(self))],
-                          [self._tensor((name, i, "B"), device).reshape(-1, m.rank)
-                           for i in range(len(self))])
-                   for name, m in self._modules.items()}
+        factors = self._factors(device)
         ints = {name: self._tensor(name, device) for name in self.shapes
                 if name not in w0 and ints_required}
-        for (floats, int_targets, _), (dense, lora) in zip(checked, plans):
+        for k, ((floats, int_targets, _), (dense, lora)) in enumerate(zip(checked, plans)):
             fused = len(dense) == 1 and dense[0][0] == "W0" and np.float32(dense[0][1]) == 1.0
             # Every tensor but the adapted ones (all of them unless fused) is sum_j a_j D_j,
             # D_j being W0 or a caller's base, in one engine pass.
@@ -515,13 +514,47 @@ class LoraTrajectory(Sequence):
                 module = self._modules.get(name)
                 if module is None:
                     continue
-                As, Bs = factors[name]
-                # guard_faults: the factors are read from the mapped adapter files
-                LoraPlan(t, As, Bs, base=w0[name] if fused else t,
-                         guard_faults=True)(lora[name])
+                self._lora_plan(k, name, t, factors[name], w0[name] if fused else t)(lora[name])
             with torch.no_grad():
                 for name, t in int_targets.items():
                     t.copy_(ints[name])
+
+    def _factors(self, device: torch.device) -> dict:
+        """{adapted name: (As, Bs)}, every checkpoint's factors on device as As[i] [r, n] and
+        Bs[i] [m, r] whatever the layer (B A reshaped is a conv weight's delta). Kept per device
+        when they are views of the mapping or resident tensors; built per merge when each merge
+        copies them to another device anyway."""
+        device = _normalized(device)
+        lists = self._factor_lists.get(device)
+        if lists is not None:
+            return lists
+        lists = {name: ([self._tensor((name, i, "A"), device).reshape(m.rank, -1)
+                         for i in range(len(self))],
+                        [self._tensor((name, i, "B"), device).reshape(-1, m.rank)
+                         for i in range(len(self))])
+                 for name, m in self._modules.items()}
+        if self._resident is not None or device.type == "cpu":
+            self._factor_lists[device] = lists
+        return lists
+
+    def _lora_plan(self, k: int, name: str, out: torch.Tensor, factors, base) -> LoraPlan:
+        """The LoraPlan writing adapted weight `name` of output k: the one of the previous merge
+        when it was built for these very tensors, else a new one (validated once, here)."""
+        As, Bs = factors
+        cached = self._lora_plans.get((k, name))
+        if cached is not None:
+            plan, plan_As = cached
+            if (plan.out is out and plan.base is base and plan_As is As
+                    and out.data_ptr() == plan.out_ptr and base.data_ptr() == plan.base_ptr):
+                return plan
+        # guard_faults: the factors may be views of the mapped adapter files
+        plan = LoraPlan(out, As, Bs, base=base, guard_faults=True)
+        self._lora_plans[(k, name)] = (plan, As)
+        return plan
+
+    def _forget_plans(self) -> None:
+        self._lora_plans.clear()
+        self._factor_lists.clear()
 
     def _coefficients(self, w: list[float], base):
         """For one merge: the dense terms [(source, coefficient)] and, per adapted weight, the
@@ -644,6 +677,7 @@ class LoraTrajectory(Sequence):
             t = src if isinstance(src, torch.Tensor) else self._files[src[0]].tensor(src[1])
             resident[key] = t.pin_memory() if pinned else t.to(target)
         self._resident = (target, resident)
+        self._forget_plans()
         return self
 
 

@@ -281,6 +281,41 @@ def test_every_merge_starts_from_w0(run, tmp_path):
         assert_bitwise_equal(t, fresh[name], name)
 
 
+def test_merges_reuse_plans_only_for_the_same_tensors(run):
+    """A search merges into one target again and again: the per-layer LoraPlans of one merge
+    serve the next. They are rebuilt when a target parameter's storage was replaced, when the
+    base of the low-rank pass changes (W0 for coefficients summing to 1, the target itself
+    otherwise), for other outputs, and after .to(); each merge still equals a fresh one."""
+    folders, base, _ = run
+    traj = Trajectory.open(folders, base=base)
+    fresh = {key: traj.merge(c) for key, c in COEFFS.items()}
+    model = copy.deepcopy(base)
+
+    def check(key):
+        for name, t in model.state_dict().items():
+            assert_bitwise_equal(t, fresh[key][name], name)
+
+    for key in ("sum 1", "sum 1", "sum != 1", "sum 1"):
+        merge_into(model, traj, COEFFS[key])
+        check(key)
+    plans = dict(traj._lora_plans)
+    merge_into(model, traj, COEFFS["sum 1"])
+    assert all(traj._lora_plans[k][0] is plans[k][0] for k in plans), "plans were rebuilt"
+    with torch.no_grad():
+        model.a.weight.set_(torch.full_like(model.a.weight, float("nan")))
+    merge_into(model, traj, COEFFS["sum 1"])
+    check("sum 1")
+    traj.to("cpu")
+    assert not traj._lora_plans
+    merge_into(model, traj, COEFFS["sum != 1"])
+    check("sum != 1")
+    outs = [traj.merge(COEFFS["sum 1"]), traj.merge(COEFFS["sum 1"])]
+    traj.merge_batched([COEFFS["sum != 1"], COEFFS["sum 1"]], outs)
+    for k, key in enumerate(("sum != 1", "sum 1")):
+        for name in fresh[key]:
+            assert_bitwise_equal(outs[k][name], fresh[key][name], name)
+
+
 @pytest.mark.parametrize("base", param("base", [0, 2, -1, "dict"]))
 def test_merge_into_base_forms_equal_the_merge_of_the_checkpoints(run, base):
     """theta_b + sum_i c_i (theta_i - theta_b) with theta_i = W0 + s B_i A_i materialised:
