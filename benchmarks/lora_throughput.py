@@ -65,12 +65,10 @@ at r = 4; for fp32 and bf16 factors. --full adds 2048x2048 and the larger N x r 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -79,7 +77,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from _machine import cpu_model  # benchmarks/, on sys.path when run as a script
+from _machine import cpu_stall_us, json_path, machine_info, write_json  # benchmarks/
 
 MIB = 1024**2
 EPS_FP32 = torch.finfo(torch.float32).eps
@@ -492,44 +490,6 @@ def print_summary(results: list[tuple[Config, list[dict]]]) -> None:
               f"{(f'{plan:.2f}x' if plan else '-'):>13} {frac:>8}")
 
 
-def machine_info(devices: list[str]) -> dict:
-    info = {
-        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch_version": torch.__version__,
-        "torch_num_threads": torch.get_num_threads(),
-        "lcsc_fast_build_info": lcsc_fast.build_info(),
-        "loadavg_before": [round(x, 2) for x in os.getloadavg()],
-    }
-    if "cuda" in devices:
-        info["cuda_device"] = torch.cuda.get_device_name()
-        info["cuda_version"] = torch.version.cuda
-    return info
-
-
-def cpu_stall_us() -> int | None:
-    """Total microseconds some task waited for a CPU (Linux PSI), or None where unavailable."""
-    try:
-        with open("/proc/pressure/cpu") as f:
-            for line in f:
-                if line.startswith("some"):
-                    return int(line.split("total=")[1])
-    except (OSError, IndexError, ValueError):
-        pass
-    return None
-
-
-def json_path(path: str, devices: list[str]) -> str:
-    """path itself, or <path>/lora-<device>-<date>.json when path is a directory."""
-    if path.endswith(os.sep) or os.path.isdir(path):
-        name = f"lora-{'+'.join(devices)}-{dt.date.today().isoformat()}.json"
-        return os.path.join(path, name)
-    return path
-
-
 # ---------------------------------------------------------------- main
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -623,7 +583,7 @@ def main(argv=None) -> int:
     configs = build_configs(args, devices)
     measure = memory_configs(configs, args.memory)
 
-    info = machine_info(devices)
+    info = machine_info(cuda="cuda" in devices)
     print(f"lcsc_fast LoRA merge throughput, {info['date']}")
     print(f"machine: {info['cpu_model']}, {info['cpu_count']} cores, {info['platform']}; "
           f"torch {info['torch_version']} ({info['torch_num_threads']} threads)"
@@ -674,11 +634,7 @@ def main(argv=None) -> int:
         print(f"CPU pressure during the run: some task waited for a CPU {pct:.0f}% of the time"
               + (" (timings are noisy; rerun on a quiet machine)" if pct > 10 else ""))
     if args.json:
-        path = json_path(args.json, devices)
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {path}")
+        write_json(json_path(args.json, "lora-" + "+".join(devices)), result)
     return 0
 
 

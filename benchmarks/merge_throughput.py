@@ -65,12 +65,9 @@ tensors' bytes per merge and uses the min time. torch's default thread count is 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
-import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -81,7 +78,7 @@ from dataclasses import dataclass
 
 import torch
 
-from _machine import cpu_model  # benchmarks/, on sys.path when run as a script
+from _machine import cpu_stall_us, json_path, machine_info, write_json  # benchmarks/
 
 GIB = 1024**3
 MIB = 1024**2
@@ -724,45 +721,6 @@ def print_population(p: dict) -> None:
         print(limits)
 
 
-def machine_info(devices: list[torch.device]) -> dict:
-    info = {
-        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch_version": torch.__version__,
-        "torch_num_threads": torch.get_num_threads(),
-        "lcsc_fast_build_info": lcsc_fast.build_info(),
-        # Other work on the machine shows up here and in the bandwidth before/after.
-        "loadavg_before": [round(x, 2) for x in os.getloadavg()],
-    }
-    if any(d.type == "cuda" for d in devices):
-        info["cuda_device"] = torch.cuda.get_device_name()
-        info["cuda_version"] = torch.version.cuda
-    return info
-
-
-def cpu_stall_us() -> int | None:
-    """Total microseconds some task waited for a CPU (Linux PSI), or None where unavailable."""
-    try:
-        with open("/proc/pressure/cpu") as f:
-            for line in f:
-                if line.startswith("some"):
-                    return int(line.split("total=")[1])
-    except (OSError, IndexError, ValueError):
-        pass
-    return None
-
-
-def json_path(path: str, devices: list[torch.device]) -> str:
-    """path itself, or <path>/<device>-<date>.json when path is a directory."""
-    if path.endswith(os.sep) or os.path.isdir(path):
-        name = "+".join(d.type for d in devices) + f"-{dt.date.today().isoformat()}.json"
-        return os.path.join(path, name)
-    return path
-
-
 # ---------------------------------------------------------------- main
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -826,7 +784,7 @@ def main(argv=None) -> int:
     fp32_source_nbytes = QUICK_FP32_SOURCE_NBYTES if args.quick else DEFAULT_FP32_SOURCE_NBYTES
     bandwidth_nbytes = QUICK_BANDWIDTH_BUFFER_NBYTES if args.quick else BANDWIDTH_BUFFER_NBYTES
 
-    info = machine_info(devices)
+    info = machine_info(cuda=any(d.type == "cuda" for d in devices))
     print(f"lcsc_fast merge throughput, {info['date']}")
     print(f"machine: {info['cpu_model']}, {info['cpu_count']} cores, {info['platform']}; "
           f"torch {info['torch_version']} ({info['torch_num_threads']} threads)"
@@ -905,11 +863,8 @@ def main(argv=None) -> int:
                   "most (every op is a parallel region), so rerun on a quiet machine")
 
     if args.json:
-        path = json_path(args.json, devices)
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"\nwrote {path}")
+        print()
+        write_json(json_path(args.json, "+".join(d.type for d in devices)), result)
     return 0
 
 

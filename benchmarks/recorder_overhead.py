@@ -40,10 +40,8 @@ after is printed and saved; compare the per-repeat figures before trusting a sma
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -52,9 +50,8 @@ import time
 
 import torch
 
-from _machine import cpu_model  # benchmarks/, on sys.path when run as a script
+import _machine  # benchmarks/, on sys.path when run as a script
 
-import lcsc_fast
 from lcsc_fast.recorder import Recorder
 
 EPILOG = """examples:
@@ -168,28 +165,8 @@ def filesystem_of(path: str) -> str:
 
 
 def machine_info(record_dir: str) -> dict:
-    return {
-        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch_version": torch.__version__,
-        "torch_num_threads": torch.get_num_threads(),
-        "lcsc_fast_version": lcsc_fast.__version__,
-        "record_dir": record_dir,
-        "record_filesystem": filesystem_of(record_dir),
-        # Other work on the machine shows up here and in the spread of the per-run figures.
-        "loadavg_before": [round(x, 2) for x in os.getloadavg()],
-    }
-
-
-def json_path(path: str) -> str:
-    """path itself, or <path>/recorder-cpu-<date>.json when path is a directory."""
-    if path.endswith(os.sep) or os.path.isdir(path):
-        os.makedirs(path, exist_ok=True)
-        return os.path.join(path, f"recorder-cpu-{dt.date.today().isoformat()}.json")
-    return path
+    return {**_machine.machine_info(), "record_dir": record_dir,
+            "record_filesystem": filesystem_of(record_dir)}
 
 
 # ---------------------------------------------------------------- main
@@ -316,7 +293,7 @@ def measure(args, root: str) -> int:
     print(f"load average before {info['loadavg_before']}, after {info['loadavg_after']}")
 
     if args.json:
-        path = json_path(args.json)
+        path = _machine.json_path(args.json, "recorder-cpu")
         result = {
             "benchmark": "recorder_overhead",
             "machine": info,
@@ -337,9 +314,7 @@ def measure(args, root: str) -> int:
             "snapshot_step_call_ms": calls,
             "synchronous_snapshot_ms": sync_ms,
         }
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {path}")
+        _machine.write_json(path, result)
     return 0
 
 
