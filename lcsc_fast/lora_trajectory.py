@@ -455,7 +455,11 @@ class LoraTrajectory(Sequence):
             if d.is_floating_point and dtype is not None:
                 d = dtype
             out[name] = torch.empty(self.shapes[name], dtype=d, device=device)
-        return self._lcsc_merge_into(out, coeffs, base)
+        (row,) = engine._coeff_rows(coeffs, None, len(self))
+        # New tensors each call: no plan would serve again, and keeping them would keep out.
+        self._run([engine._target_tensors(out)], [row], base, ints_required=True,
+                  keep_plans=False)
+        return out
 
     def _lcsc_merge_into(self, target, coeffs, base=None):
         """lcsc_fast.merge_into(target, traj, coeffs, base) lands here."""
@@ -471,8 +475,11 @@ class LoraTrajectory(Sequence):
         rows = engine._coeff_rows(coeffs, len(outs), len(self))
         self._run([engine._target_tensors(o) for o in outs], rows, base, ints_required=False)
 
-    def _run(self, outs: list[dict], rows: list[list[float]], base, ints_required: bool) -> None:
-        """Validate every output, coefficient and source, then merge row k into outs[k]."""
+    def _run(self, outs: list[dict], rows: list[list[float]], base, ints_required: bool,
+             keep_plans: bool = True) -> None:
+        """Validate every output, coefficient and source, then merge row k into outs[k].
+        keep_plans: keep each adapted weight's LoraPlan for the next merge into the same
+        tensors (see _lora_plan)."""
         what = "the target" if ints_required else "outs[{k}]"
         checked = [self._check_target(t, what.format(k=k), ints_required)
                    for k, t in enumerate(outs)]
@@ -514,7 +521,9 @@ class LoraTrajectory(Sequence):
                 module = self._modules.get(name)
                 if module is None:
                     continue
-                self._lora_plan(k, name, t, factors[name], w0[name] if fused else t)(lora[name])
+                plan = self._lora_plan(k, name, t, factors[name], w0[name] if fused else t,
+                                       keep_plans)
+                plan(lora[name])
             with torch.no_grad():
                 for name, t in int_targets.items():
                     t.copy_(ints[name])
@@ -537,9 +546,11 @@ class LoraTrajectory(Sequence):
             self._factor_lists[device] = lists
         return lists
 
-    def _lora_plan(self, k: int, name: str, out: torch.Tensor, factors, base) -> LoraPlan:
+    def _lora_plan(self, k: int, name: str, out: torch.Tensor, factors, base,
+                   keep: bool) -> LoraPlan:
         """The LoraPlan writing adapted weight `name` of output k: the one of the previous merge
-        when it was built for these very tensors, else a new one (validated once, here)."""
+        when it was built for these very tensors, else a new one (validated once, here; kept
+        for the next merge with keep)."""
         As, Bs = factors
         cached = self._lora_plans.get((k, name))
         if cached is not None:
@@ -549,7 +560,8 @@ class LoraTrajectory(Sequence):
                 return plan
         # guard_faults: the factors may be views of the mapped adapter files
         plan = LoraPlan(out, As, Bs, base=base, guard_faults=True)
-        self._lora_plans[(k, name)] = (plan, As)
+        if keep:
+            self._lora_plans[(k, name)] = (plan, As)
         return plan
 
     def _forget_plans(self) -> None:

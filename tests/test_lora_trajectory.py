@@ -285,10 +285,12 @@ def test_merges_reuse_plans_only_for_the_same_tensors(run):
     """A search merges into one target again and again: the per-layer LoraPlans of one merge
     serve the next. They are rebuilt when a target parameter's storage was replaced, when the
     base of the low-rank pass changes (W0 for coefficients summing to 1, the target itself
-    otherwise), for other outputs, and after .to(); each merge still equals a fresh one."""
+    otherwise), for other outputs, and after .to(); each merge still equals a fresh one.
+    merge(), which returns new tensors, keeps none."""
     folders, base, _ = run
     traj = Trajectory.open(folders, base=base)
     fresh = {key: traj.merge(c) for key, c in COEFFS.items()}
+    assert not traj._lora_plans, "merge() makes new tensors: its plans must not keep them"
     model = copy.deepcopy(base)
 
     def check(key):
