@@ -8,7 +8,9 @@
     lcsc-fast pack PATH... OUT                a packed store, laid out for fast merges
 
 PATH is whatever lcsc_fast.Trajectory.open accepts: a Recorder directory, a packed store, or
-one or more checkpoint files (.safetensors, or a sharded model's index). Errors in the inputs
+one or more checkpoint files (.safetensors, or a sharded model's index); with --lora-base, LoRA
+adapters (PEFT adapter folders or files, or a Recorder directory of adapters) over those base
+weights, checkpoint i being W0 + s B_i A_i (inspect, search, merge). Errors in the inputs
 (a missing file, a coefficient file for another trajectory, a bad module:function) print one
 line naming the problem and exit with status 2; an exception raised by the user's own objective
 or target code is shown with its traceback and exits with status 1.
@@ -66,6 +68,7 @@ examples:
   {PROG} inspect run/                           # a Recorder directory (steps from its manifest)
   {PROG} inspect ckpt/step-*.safetensors        # checkpoint files, in the order given
   {PROG} inspect run-packed/ --json             # a packed store, as JSON
+  {PROG} inspect lora/ckpt-*/ --lora-base base.safetensors   # PEFT adapters over their base
 """
 
 _SEARCH_EPILOG = f"""\
@@ -83,6 +86,7 @@ examples:
   {PROG} search run/ --objective my_eval:fid --target my_eval:build_model --out search-fid/
   {PROG} search run/ --objective my_eval:score --out search-cmaes/ --algorithm cmaes --seed 1
   {PROG} search run/ --objective my_eval:score --out search/ --resume   # after a kill
+  {PROG} search lora/ckpt-*/ --lora-base base.safetensors --objective my_eval:score --out search-lora/ --budget 64
   {PROG} search run/ --objective my_eval:score --out search/ --resume --budget 4000  # extend
 
 Writes DIR/coefficients.json (merge it with '{PROG} merge'), DIR/coefficients.png (the
@@ -100,6 +104,7 @@ examples:
   {PROG} merge run-packed/ --coeffs search/coefficients.json --dtype bf16 --out bf16.safetensors
   {PROG} merge a.safetensors b.safetensors --coeffs w.json --out merged-ab.safetensors --force
   {PROG} merge run/ --coeffs deltas.json --base 0 --out merged-base0.safetensors
+  {PROG} merge lora/ckpt-*/ --lora-base base.safetensors --coeffs lora-w.json --out merged-lora.safetensors
 """
 
 _PACK_EPILOG = f"""\
@@ -181,6 +186,7 @@ def _parser() -> argparse.ArgumentParser:
                                          "headers only."))
     p.add_argument("paths", nargs="+", metavar="PATH", help=paths_help)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_lora_options(p)
     p.set_defaults(run=_cmd_inspect)
 
     p = sub.add_parser("search", formatter_class=fmt, epilog=_SEARCH_EPILOG,
@@ -214,6 +220,7 @@ def _parser() -> argparse.ArgumentParser:
                         "larger --budget extends a finished search)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar on stderr")
+    _add_lora_options(p)
     p.set_defaults(run=_cmd_search)
 
     p = sub.add_parser("merge", formatter_class=fmt, epilog=_MERGE_EPILOG,
@@ -233,6 +240,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="dtype of the merged floating-point tensors (default: the "
                         "checkpoints' own)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    _add_lora_options(p)
     p.set_defaults(run=_cmd_merge)
 
     p = sub.add_parser("pack", formatter_class=fmt, epilog=_PACK_EPILOG,
@@ -249,6 +257,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="the checkpoint kept whole (default: %(default)s)")
     p.set_defaults(run=_cmd_pack)
     return parser
+
+
+def _add_lora_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lora-base", action="append", metavar="FILE",
+                   help="the frozen base weights W0 (.safetensors; repeat the option for "
+                        "shards): the PATHs are then LoRA adapters (PEFT adapter folders or "
+                        "adapter_model.safetensors files, or a Recorder directory of adapters)")
+    p.add_argument("--lora-scale", type=float, metavar="S",
+                   help="the LoRA scaling for adapters without an adapter_config.json (default "
+                        "with a config: its lora_alpha / r)")
 
 
 def _wrap(text: str) -> str:
@@ -314,10 +332,21 @@ def _os_message(e: OSError) -> str:
     return str(e)
 
 
-def _open(paths):
+def _open(paths, args=None):
     from .trajectory import Trajectory
 
-    return Trajectory.open(paths[0] if len(paths) == 1 else list(paths))
+    source = paths[0] if len(paths) == 1 else list(paths)
+    base, scale = getattr(args, "lora_base", None), getattr(args, "lora_scale", None)
+    if scale is not None and base is None:
+        raise UsageError("--lora-scale scales LoRA adapters; name their base weights with "
+                         "--lora-base")
+    if base is None:
+        for path in paths:
+            if os.path.isfile(os.path.join(path, "adapter_config.json")):
+                raise UsageError(f"{path} holds a LoRA adapter; name the frozen base weights it "
+                                 "adapts with --lora-base FILE")
+        return Trajectory.open(source)
+    return Trajectory.open(source, base=base[0] if len(base) == 1 else base, scale=scale)
 
 
 # ---------------------------------------------------------------- inspect
@@ -344,7 +373,7 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_inspect(args) -> int:
-    with _open(args.paths) as traj:
+    with _open(args.paths, args) as traj:
         info = _summary(traj, args.paths)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -364,6 +393,10 @@ def _cmd_inspect(args) -> int:
     if info["kind"] == "packed":
         kind = (f"packed store (checkpoint {info['packed_base']} whole, "
                 f"{info['delta_dtype']} deltas)")
+    if info["kind"] == "lora":
+        ranks = sorted(set(info["lora_ranks"].values()))
+        kind = (f"LoRA adapters over base weights W0: {_count(len(info['lora_ranks']), 'weight')}"
+                f" adapted, rank {', '.join(map(str, ranks))}; checkpoint i is W0 + s B_i A_i")
     tensors, float_tensors = info["tensors"], info["floating_tensors"]
     dtypes = "; ".join(f"{d}: {_count(v['tensors'], 'tensor')}, "
                        f"{_count(v['elements'], 'element')}" for d, v in info["dtypes"].items())
@@ -408,6 +441,8 @@ def _summary(traj, paths) -> dict:
         "dtypes": dict(sorted(by_dtype.items())),
         "files": len(traj._files), "bytes_on_disk": sum(f.nbytes for f in traj._files),
     }
+    if traj.kind == "lora":
+        info["lora_ranks"] = dict(sorted(traj.adapted.items()))
     if traj.kind == "packed":
         with open(os.path.join(paths[0], "manifest.json"), encoding="utf-8") as f:
             manifest = json.load(f)
@@ -453,8 +488,8 @@ def _cmd_merge(args) -> int:
     out_dir = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(out_dir):
         raise UsageError(f"--out {out}: the directory {out_dir} does not exist; create it first")
-    with _open(args.paths) as traj:
-        if os.path.exists(out) and any(_same_file(out, h.path) for h in traj._headers):
+    with _open(args.paths, args) as traj:
+        if os.path.exists(out) and any(_same_file(out, f.path) for f in traj._files):
             raise UsageError(f"--out {out} is one of the trajectory's own files; choose "
                              "another name")
         coeffs = _read_coefficients(args.coeffs, traj)
@@ -561,7 +596,7 @@ def _cmd_search(args) -> int:
         raise UsageError(f"{state_path} exists: a search was run in {out} before; pass --resume "
                          "to continue it (or extend it with a larger --budget), or remove the "
                          "file or choose another --out to start afresh")
-    with _open(args.paths) as traj, _cwd_on_path():
+    with _open(args.paths, args) as traj, _cwd_on_path():
         objective = _load_callable(args.objective, "--objective")
         if args.target is not None:
             target = _build_target(_load_callable(args.target, "--target"), args.target)
@@ -599,7 +634,9 @@ def _cmd_search(args) -> int:
                                    os.path.join(out, SEARCH_PLOT))
     _print_table(result, args.algorithm)
     print(f"\nwrote {coeffs_path}, {coeffs_png}, {search_png}")
-    print(f"merge with: {PROG} merge {' '.join(args.paths)} --coeffs {coeffs_path} "
+    lora = [f"--lora-base {b}" for b in args.lora_base or ()] + (
+        [] if args.lora_scale is None else [f"--lora-scale {args.lora_scale}"])
+    print(f"merge with: {PROG} merge {' '.join([*args.paths, *lora])} --coeffs {coeffs_path} "
           "--out merged.safetensors")
     return EXIT_OK
 

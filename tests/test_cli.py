@@ -136,6 +136,27 @@ def write_files(directory, n: int = 4) -> list[str]:
     return paths
 
 
+def write_lora(directory) -> tuple[list[str], str]:
+    """Three PEFT adapter folders directory/lora/ckpt-{100,200,300}/ (rank 2, alpha 4, on a
+    Linear named lin) and their base weights directory/base.safetensors."""
+    base = os.path.join(directory, "base.safetensors")
+    g = generator("cli-lora", "base")
+    save_file({"lin.weight": randn((16, 4), torch.float32, g),
+               "lin.bias": randn((16,), torch.float32, g)}, base)
+    folders = []
+    for k, step in enumerate((100, 200, 300)):
+        folders.append(os.path.join(directory, "lora", f"ckpt-{step}"))
+        os.makedirs(folders[-1])
+        g = generator("cli-lora", k)
+        save_file({"base_model.model.lin.lora_A.weight": randn((2, 4), torch.float32, g),
+                   "base_model.model.lin.lora_B.weight": randn((16, 2), torch.float32, g)},
+                  os.path.join(folders[-1], "adapter_model.safetensors"))
+        with open(os.path.join(folders[-1], "adapter_config.json"), "w") as f:
+            json.dump({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+                       "target_modules": ["lin"]}, f)
+    return folders, base
+
+
 def run(capsys, *argv) -> tuple[int, str, str]:
     """main(argv) in-process: (exit status, stdout, stderr)."""
     code = cli.main([str(a) for a in argv])
@@ -310,6 +331,46 @@ def test_merge_bare_list_with_options(work, capsys, options, kwargs):
         expected = traj.merge(coeffs, **kwargs)
     for key in expected:
         assert_bitwise_equal(merged[key], expected[key], key)
+
+
+def test_lora_adapters_with_their_base(tmp_path, monkeypatch, capsys):
+    """--lora-base opens the PATHs as LoRA adapters over those base weights: inspect says so,
+    merge writes what Trajectory.open(..., base=...).merge writes, search runs over them and
+    its hint repeats --lora-base. Adapter folders without --lora-base, or --lora-scale alone,
+    are usage errors naming the option."""
+    monkeypatch.chdir(tmp_path)
+    folders, base = write_lora(".")
+    code, out, err = run(capsys, "inspect", *folders, "--lora-base", base)
+    assert code == 0, err
+    assert "LoRA adapters over base weights W0: 1 weight adapted, rank 2" in out
+    code, out, err = run(capsys, "inspect", *folders, "--lora-base", base, "--json")
+    assert code == 0 and json.loads(out)["lora_ranks"] == {"lin.weight": 2}, err
+    with open("w.json", "w") as f:
+        json.dump([0.2, -0.3, 1.1], f)
+    code, out, err = run(capsys, "merge", *folders, "--lora-base", base, "--coeffs", "w.json",
+                         "--out", "merged.safetensors")
+    assert code == 0, err
+    merged = load_file("merged.safetensors")
+    with Trajectory.open(folders, base=base) as traj:
+        expected = traj.merge([0.2, -0.3, 1.1])
+    assert merged.keys() == expected.keys() == {"lin.weight", "lin.bias"}
+    for key in expected:
+        assert_bitwise_equal(merged[key], expected[key], key)
+    (tmp_path / "lora_eval.py").write_text(OBJECTIVE_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        code, out, err = run(capsys, "search", *folders, "--lora-base", base, "--objective",
+                             "lora_eval:distance", "--out", "s", "--budget", "16",
+                             "--no-progress")
+    finally:
+        sys.modules.pop("lora_eval", None)
+    assert code == 0, err
+    assert f"--lora-base {base} --coeffs" in out
+    code, _, err = run(capsys, "inspect", folders[0])
+    assert_usage_error(code, err, folders[0], "holds a LoRA adapter", "--lora-base")
+    code, _, err = run(capsys, "merge", *folders, "--lora-scale", "2", "--coeffs", "w.json",
+                       "--out", "m2.safetensors")
+    assert_usage_error(code, err, "--lora-scale", "--lora-base")
 
 
 def test_pack_then_inspect_and_merge_the_packed_store(work, capsys):
@@ -585,8 +646,9 @@ def test_help_of_every_command_shows_examples(capsys):
 
 def example_workspace(directory, packed: bool) -> None:
     """The files the --help examples name: run/, ckpt/, run-packed/ (when packed),
-    search/coefficients.json, a.safetensors, b.safetensors, w.json, deltas.json, and my_eval.py
-    with the objective shown in 'search --help' plus fid and build_model."""
+    search/coefficients.json, a.safetensors, b.safetensors, w.json, deltas.json, LoRA adapters
+    lora/ckpt-*/ with base.safetensors and lora-w.json, and my_eval.py with the objective shown
+    in 'search --help' plus fid and build_model."""
     write_recorded(os.path.join(directory, "run"))
     os.makedirs(os.path.join(directory, "ckpt"))
     for k, step in enumerate((1000, 2000, 3000)):
@@ -595,10 +657,12 @@ def example_workspace(directory, packed: bool) -> None:
         save_file(checkpoint(k, 2, k), os.path.join(directory, f"{name}.safetensors"))
     if packed:
         lcsc_fast.pack(os.path.join(directory, "run"), os.path.join(directory, "run-packed"))
+    write_lora(directory)
     os.makedirs(os.path.join(directory, "search"))
     for file, coeffs in (("search/coefficients.json", {"coefficients": [0.2] * 5,
                                                        "steps": STEPS}),
-                         ("w.json", [-0.5, 1.5]), ("deltas.json", [0.1] * 5)):
+                         ("w.json", [-0.5, 1.5]), ("deltas.json", [0.1] * 5),
+                         ("lora-w.json", [0.2, 0.3, 0.5])):
         with open(os.path.join(directory, file), "w") as f:
             json.dump(coeffs, f)
     shown = cli._SEARCH_EPILOG.split("current directory")[1].split("examples:")[0]
@@ -649,7 +713,7 @@ def test_every_help_example_runs(tmp_path, monkeypatch, capsys):
             sys.modules.pop("my_eval", None)  # the next page's my_eval.py is another file
     finally:
         sys.modules.pop("my_eval", None)
-    assert ran >= 18
+    assert ran >= 21
 
 
 # ---------------------------------------------------------------- plots
