@@ -47,6 +47,10 @@ def pack(traj, out_dir, dtype="bf16", base: int = 0, block_elems: int = 65536) -
     Merges from the store equal merges from the checkpoints up to the rounding of each delta to
     dtype. Returns out_dir.
     """
+    if getattr(traj, "kind", None) == "lora":
+        raise ValueError("pack: a LoRA trajectory is not packed; its adapters are already "
+                         "small low-rank factors, which its merges read in place (.to(device) "
+                         "keeps them resident for a search)")
     if not isinstance(traj, Trajectory):
         traj = Trajectory.open(traj)
     if traj.kind != "checkpoints":

@@ -831,3 +831,13 @@ def test_truncation_during_a_merge_raises_instead_of_crashing(tmp_path):
     lines = result.stdout.splitlines()
     assert lines[-1] == "survived", result.stdout
     assert lines[-2].startswith("RuntimeError:") and "SIGBUS" in lines[-2], result.stdout
+
+
+def test_pack_refuses_a_lora_trajectory(run, tmp_path):
+    """pack() is for dense checkpoints: a LoRA trajectory gets a ValueError saying why, and
+    nothing is written."""
+    folders, base, _ = run
+    traj = Trajectory.open(folders, base=base)
+    with pytest.raises(ValueError, match="pack: a LoRA trajectory is not packed"):
+        lcsc_fast.pack(traj, tmp_path / "packed")
+    assert not os.path.exists(tmp_path / "packed")
