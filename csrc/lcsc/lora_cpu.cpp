@@ -1,22 +1,14 @@
 // CPU entry point of the low-rank merge: validates the args, picks the SIMD level's kernel,
 // splits out into tiles and runs them in parallel.
 #include <algorithm>
-#include <atomic>
 #include <cstring>
 #include <memory>
 #include <new>
 #include <stdexcept>
 #include <string>
 
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
-#if defined(LCSC_X86_DISPATCH)
-#include <xmmintrin.h>
-#endif
-
+#include "cpu_parallel.h"
 #include "elementwise.h"
-#include "fault_guard.h"
 #include "lora.h"
 #include "lora_cpu_kernel.h"
 #include "merge.h"
@@ -184,49 +176,20 @@ void lora_cpu(const LoraArgs& a, int num_threads, bool guard_faults) {
       ::operator new[](sizeof(float) * scratch_floats * threads, std::align_val_t(64))));
 
   const bool stream = a.m * a.n * dtype_nbytes(a.out_dtype) >= kStreamingStoreNbytes;
-  if (guard_faults) install_sigbus_guard();
-  std::atomic<bool> faulted{false};
-
-  // Worker threads take the caller's flush-to-zero and denormals-are-zero bits, as merges do.
-#if defined(LCSC_X86_DISPATCH)
-  const unsigned caller_csr = _mm_getcsr();
-#endif
-#if defined(_OPENMP)
-#pragma omp parallel num_threads(threads)
-#endif
-  {
-#if defined(LCSC_X86_DISPATCH)
-    const unsigned own_csr = _mm_getcsr();
-    _mm_setcsr(caller_csr);
-#endif
-#if defined(_OPENMP)
-    float* mine = scratch.get() + scratch_floats * omp_get_thread_num();
-#pragma omp for schedule(dynamic, 1)
-#else
-    float* mine = scratch.get();
-#endif
-    for (int64_t g = 0; g < tiles; ++g) {
-      const int64_t rb = g / tiling.col_blocks, cb = g % tiling.col_blocks;
-      const int64_t s0 = block_start(rb, tiling.row_blocks, tiling.strips_m);
-      const int64_t s1 = block_start(rb + 1, tiling.row_blocks, tiling.strips_m);
-      const int64_t c0 = block_start(cb, tiling.col_blocks, tiling.strips_n);
-      const int64_t c1 = block_start(cb + 1, tiling.col_blocks, tiling.strips_n);
-      const int64_t row0 = s0 * kernel.mr, col0 = c0 * kernel.nr;
-      const int64_t rows = std::min(s1 * kernel.mr, a.m) - row0;
-      const int64_t cols = std::min(c1 * kernel.nr, a.n) - col0;
-      const auto tile_job = [&] { kernel.tile(a, row0, rows, col0, cols, mine, stream); };
-      if (!guard_faults) {
-        tile_job();
-      } else if (faulted.load(std::memory_order_relaxed) || !guarded(tile_job)) {
-        faulted.store(true);
-      }
-    }
-#if defined(LCSC_X86_DISPATCH)
-    if (stream) _mm_sfence();  // order the non-temporal stores before the threads join
-    _mm_setcsr(own_csr);
-#endif
-  }
-  if (faulted.load()) {
+  // Tiles are handed out dynamically (see kTilesPerThread).
+  const bool ok = run_tiles(tiles, threads, Schedule::kDynamic, guard_faults, stream,
+                            [&](int64_t g, int worker) {
+    const int64_t rb = g / tiling.col_blocks, cb = g % tiling.col_blocks;
+    const int64_t s0 = block_start(rb, tiling.row_blocks, tiling.strips_m);
+    const int64_t s1 = block_start(rb + 1, tiling.row_blocks, tiling.strips_m);
+    const int64_t c0 = block_start(cb, tiling.col_blocks, tiling.strips_n);
+    const int64_t c1 = block_start(cb + 1, tiling.col_blocks, tiling.strips_n);
+    const int64_t row0 = s0 * kernel.mr, col0 = c0 * kernel.nr;
+    const int64_t rows = std::min(s1 * kernel.mr, a.m) - row0;
+    const int64_t cols = std::min(c1 * kernel.nr, a.n) - col0;
+    kernel.tile(a, row0, rows, col0, cols, scratch.get() + scratch_floats * worker, stream);
+  });
+  if (!ok) {
     throw std::runtime_error(
         "a memory-mapped LoRA factor could not be read (SIGBUS): an adapter file was truncated "
         "or changed while merging; out is partly written");

@@ -13,9 +13,9 @@
 #endif
 #if defined(LCSC_X86_DISPATCH)
 #include <cpuid.h>
-#include <xmmintrin.h>
 #endif
 
+#include "cpu_parallel.h"
 #include "fault_guard.h"
 #include "merge.h"
 #include "merge_cpu_kernel.h"
@@ -197,50 +197,15 @@ void merge_cpu(const MergeArgs& a, int num_threads, bool guard_faults) {
   const int threads = static_cast<int>(std::clamp<int64_t>(num_threads, 1, std::min(total, useful)));
   const int64_t scratch_floats = a.num_outputs * tile;
   std::unique_ptr<float[]> scratch(new float[scratch_floats * threads]);
-  if (guard_faults) install_sigbus_guard();
-  std::atomic<bool> faulted{false};
-
-  // Worker threads keep their own floating-point control state; they take the caller's
-  // flush-to-zero and denormals-are-zero bits (torch.set_flush_denormal) for the merge, so the
-  // thread count cannot change a result.
-#if defined(LCSC_X86_DISPATCH)
-  const unsigned caller_csr = _mm_getcsr();
-#endif
-#if defined(_OPENMP)
-#pragma omp parallel num_threads(threads)
-#endif
-  {
-#if defined(LCSC_X86_DISPATCH)
-    const unsigned own_csr = _mm_getcsr();
-    _mm_setcsr(caller_csr);
-#endif
-#if defined(_OPENMP)
-    float* acc = scratch.get() + scratch_floats * omp_get_thread_num();
-#pragma omp for schedule(static)
-#else
-    float* acc = scratch.get();
-#endif
-    for (int64_t g = 0; g < total; ++g) {
-      const int64_t t = std::upper_bound(first_tile.begin(), first_tile.end(), g) -
-                        first_tile.begin() - 1;
-      const int64_t begin = (g - first_tile[t]) * tile;
-      const auto tile_job = [&] {
-        run_tile(a, t, begin, std::min(tile, a.numels[t] - begin), acc, tile, stream);
-      };
-      if (!guard_faults) {
-        tile_job();
-      } else if (faulted.load(std::memory_order_relaxed) || !guarded(tile_job)) {
-        faulted.store(true);
-      }
-    }
-#if defined(LCSC_X86_DISPATCH)
-    if (stream) _mm_sfence();  // order the non-temporal stores before the threads join
-#endif
-#if defined(LCSC_X86_DISPATCH)
-    _mm_setcsr(own_csr);
-#endif
-  }
-  if (faulted.load()) {
+  const bool ok = run_tiles(total, threads, Schedule::kStatic, guard_faults, stream,
+                            [&](int64_t g, int worker) {
+    const int64_t t = std::upper_bound(first_tile.begin(), first_tile.end(), g) -
+                      first_tile.begin() - 1;
+    const int64_t begin = (g - first_tile[t]) * tile;
+    run_tile(a, t, begin, std::min(tile, a.numels[t] - begin),
+             scratch.get() + scratch_floats * worker, tile, stream);
+  });
+  if (!ok) {
     throw std::runtime_error(
         "a memory-mapped source could not be read (SIGBUS): a checkpoint file was truncated "
         "or changed while merging; the outputs are partly written");
