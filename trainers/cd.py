@@ -33,7 +33,7 @@ import dataclasses
 import torch
 
 from . import common
-from .consistency import (P_MEAN, P_STD, ict_weighting, paired_forward, print_report,
+from .consistency import (P_MEAN, P_STD, ict_weighting, main_for, paired_forward,
                           pseudo_huber, sample_level_pairs)
 
 EXAMPLES = """examples:
@@ -141,15 +141,9 @@ def train(config: CDConfig) -> common.Run:
 
 
 def main(argv=None) -> common.Run:
-    p = common.parser_for(CDConfig, "Consistency distillation of a trained EDM diffusion model "
-                          "on the 8x8 digits; prints the FIDs of the final and EMA models at 1 "
-                          "and 2 steps.", EXAMPLES)
-    p.add_argument("--fid-samples", type=int, default=2000,
-                   help="samples per FID at the end (0: no FID)")
-    args = p.parse_args(argv)
-    run = train(common.config_from_args(CDConfig, args))
-    print_report(run, args.fid_samples)
-    return run
+    return main_for(CDConfig, train, (
+        "Consistency distillation of a trained EDM diffusion model on the 8x8 digits; prints the "
+        "FIDs of the final and EMA models at 1 and 2 steps."), EXAMPLES, argv)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from . import common
 from .networks import SIGMA_MAX, SIGMA_MIN
 from .sampling import RHO, consistency_sample, noise_shape
 
@@ -165,3 +166,15 @@ def print_report(run, num_samples: int = FID_SAMPLES) -> dict:
     for (which, steps), value in figures.items():
         print(f"  {which:5s} {steps}-step  {value:8.3f}")
     return figures
+
+
+def main_for(config_cls, train, description: str, examples: str, argv=None) -> common.Run:
+    """The command line of a consistency trainer: one --option per config field plus
+    --fid-samples; trains, then prints the report (print_report)."""
+    p = common.parser_for(config_cls, description, examples)
+    p.add_argument("--fid-samples", type=int, default=FID_SAMPLES,
+                   help="samples per FID at the end (0: no FID)")
+    args = p.parse_args(argv)
+    run = train(common.config_from_args(config_cls, args))
+    print_report(run, args.fid_samples)
+    return run

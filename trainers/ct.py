@@ -25,7 +25,7 @@ import torch
 
 from . import common
 from .consistency import (ICT_S0, P_MEAN, P_STD, discretization_steps, ict_weighting,
-                          mean_ict_weighting, paired_forward, print_report, pseudo_huber,
+                          main_for, mean_ict_weighting, paired_forward, pseudo_huber,
                           sample_level_pairs)
 
 EXAMPLES = """examples:
@@ -83,15 +83,9 @@ def train(config: CTConfig) -> common.Run:
 
 
 def main(argv=None) -> common.Run:
-    p = common.parser_for(CTConfig, "Consistency training (iCT-style) on the 8x8 digits; "
-                          "prints the FIDs of the final and EMA models at 1 and 2 steps.",
-                          EXAMPLES)
-    p.add_argument("--fid-samples", type=int, default=2000,
-                   help="samples per FID at the end (0: no FID)")
-    args = p.parse_args(argv)
-    run = train(common.config_from_args(CTConfig, args))
-    print_report(run, args.fid_samples)
-    return run
+    return main_for(CTConfig, train, (
+        "Consistency training (iCT-style) on the 8x8 digits; prints the FIDs of the final and EMA"
+        " models at 1 and 2 steps."), EXAMPLES, argv)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import torch
 
 from . import common
 from .cd import load_teacher, student_config, student_from
-from .consistency import P_MEAN, P_STD, paired_forward, print_report, pseudo_huber
+from .consistency import P_MEAN, P_STD, main_for, paired_forward, pseudo_huber
 from .networks import SIGMA_MAX, SIGMA_MIN
 
 EXAMPLES = """examples:
@@ -112,15 +112,9 @@ def train(config: ECTConfig) -> common.Run:
 
 
 def main(argv=None) -> common.Run:
-    p = common.parser_for(ECTConfig, "Easy Consistency Tuning (ECT) of a trained EDM diffusion "
-                          "model on the 8x8 digits; prints the FIDs of the final and EMA models "
-                          "at 1 and 2 steps.", EXAMPLES)
-    p.add_argument("--fid-samples", type=int, default=2000,
-                   help="samples per FID at the end (0: no FID)")
-    args = p.parse_args(argv)
-    run = train(common.config_from_args(ECTConfig, args))
-    print_report(run, args.fid_samples)
-    return run
+    return main_for(ECTConfig, train, (
+        "Easy Consistency Tuning (ECT) of a trained EDM diffusion model on the 8x8 digits; prints"
+        " the FIDs of the final and EMA models at 1 and 2 steps."), EXAMPLES, argv)
 
 
 if __name__ == "__main__":
