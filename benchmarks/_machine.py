@@ -7,6 +7,19 @@ import datetime as dt
 import json
 import os
 import platform
+import sys
+
+
+def import_lcsc_fast():
+    """(lcsc_fast, lcsc_fast.reference), or exit saying how to build the engine. The
+    benchmarks call it after parsing their arguments, so --help works before a build."""
+    try:
+        import lcsc_fast
+        from lcsc_fast import reference
+    except ImportError as e:
+        sys.exit(f"cannot import lcsc_fast ({e}); build it first: "
+                 "cd <repo root> && pip install -e . --no-build-isolation")
+    return lcsc_fast, reference
 
 
 def cpu_model() -> str:

@@ -77,7 +77,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from _machine import cpu_stall_us, json_path, machine_info, write_json  # benchmarks/
+from _machine import (  # benchmarks/
+    cpu_stall_us, import_lcsc_fast, json_path, machine_info, write_json)
 
 MIB = 1024**2
 EPS_FP32 = torch.finfo(torch.float32).eps
@@ -85,7 +86,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 VALIDATE_ALL_ROWS_UP_TO = 1024
 VALIDATE_EDGE_ROWS = 256
 
-lcsc_fast = reference = None  # imported by main(), see import_lcsc_fast()
+lcsc_fast = reference = None  # imported by main(), after argument parsing
 
 EPILOG = """examples:
   python benchmarks/lora_throughput.py --quick
@@ -544,17 +545,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def import_lcsc_fast() -> None:
-    # Imported after argument parsing, so --help works before the engine is built.
-    global lcsc_fast, reference
-    try:
-        import lcsc_fast
-        from lcsc_fast import reference
-    except ImportError as e:
-        sys.exit(f"cannot import lcsc_fast ({e}); build it first: "
-                 "cd <repo root> && pip install -e . --no-build-isolation")
-
-
 def build_configs(args, devices: list[str]) -> list[Config]:
     if args.n or args.rank:
         widths = args.width or [1024]
@@ -568,7 +558,8 @@ def build_configs(args, devices: list[str]) -> list[Config]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import_lcsc_fast()
+    global lcsc_fast, reference
+    lcsc_fast, reference = import_lcsc_fast()
     if args.memory_child:
         job = json.loads(args.memory_child)
         print(json.dumps(memory_child(Config(**job["cfg"]), job["variant"], job["seed"])))

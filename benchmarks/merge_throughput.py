@@ -85,7 +85,8 @@ from dataclasses import dataclass
 
 import torch
 
-from _machine import cpu_stall_us, json_path, machine_info, write_json  # benchmarks/
+from _machine import (  # benchmarks/
+    cpu_stall_us, import_lcsc_fast, json_path, machine_info, write_json)
 
 GIB = 1024**3
 MIB = 1024**2
@@ -104,7 +105,7 @@ POPULATION_CHECK_ELEMS = 32768  # checked at each end of the flat buffers
 POOL_ELEMS = 4 * MIB + 15  # random pool for checkpoint data: 16 MiB of fp32, odd length
 BANDWIDTH_REPEATS = 5
 
-lcsc_fast = reference = None  # imported by main(), see import_lcsc_fast()
+lcsc_fast = reference = None  # imported by main(), after argument parsing
 
 EPILOG = """examples:
   python benchmarks/merge_throughput.py --quick
@@ -828,20 +829,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def import_lcsc_fast() -> None:
-    # Imported after argument parsing, so --help works before the engine is built.
-    global lcsc_fast, reference
-    try:
-        import lcsc_fast
-        from lcsc_fast import reference
-    except ImportError as e:
-        sys.exit(f"cannot import lcsc_fast ({e}); build it first: "
-                 "cd <repo root> && pip install -e . --no-build-isolation")
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import_lcsc_fast()
+    global lcsc_fast, reference
+    lcsc_fast, reference = import_lcsc_fast()
     devices = [torch.device("cpu")] if args.device in ("cpu", "all") else []
     if args.device == "cuda" or (args.device == "all" and torch.cuda.is_available()):
         devices.append(torch.device("cuda", torch.cuda.current_device()))
