@@ -1,0 +1,78 @@
+"""The throughput benchmarks run end to end at their --quick sizes and report what they say.
+
+Timings at these sizes mean nothing. What is checked: every method's output passed its fp64
+check (a method that fails is reported, not timed, and the script still exits 0, so only the
+JSON shows it), the JSON carries the figures that issue notes quote, and the comparisons the
+merge benchmark makes in alternation really alternate.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import device_params
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_quick(script: str, device: str, tmp_path: Path) -> dict:
+    out = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--quick", "--device", device, "--json",
+         str(out)], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return json.loads(out.read_text())
+
+
+def failed(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["status"] != "ok"]
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_merge_throughput_quick(device, tmp_path):
+    result = run_quick("merge_throughput.py", device, tmp_path)
+    args = result["args"]
+    rows = result["rows"]
+    assert rows and not failed(rows)
+    assert result["bandwidth"][device]["read_gbps"] > 0
+
+    planned = [r for r in rows if r["method"] == "fused MergePlan"]
+    assert len(planned) == len(args["n"]) * len(args["dtypes"])
+    for row in planned:  # the merge alternated with the read probe, round by round
+        paired = row["paired_read"]
+        assert paired["rounds"] == args["repeats"]
+        assert len(paired["merge_s"]) == len(paired["read_s"]) == args["repeats"]
+        assert paired["pct_read_bw_median"] == statistics.median(paired["pct_read_bw_by_round"])
+        assert paired["pct_read_bw_median"] > 0
+
+    assert len(result["population"]) == len(planned)
+    for pop in result["population"]:
+        batched, singles = pop["batched"], pop["singles"]
+        assert batched["status"] == singles["status"] == "ok"
+        assert len(batched["seconds"]) == len(singles["seconds"]) == args["repeats"]
+        assert pop["per_candidate_throughput_ratio"] == pytest.approx(
+            singles["min_s"] / batched["min_s"])
+        assert pop["paired_ratio_median"] == pytest.approx(statistics.median(
+            s / b for s, b in zip(singles["seconds"], batched["seconds"])))
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_lora_throughput_quick(device, tmp_path):
+    result = run_quick("lora_throughput.py", device, tmp_path)
+    assert result["rows"] and not failed(result["rows"])
+
+
+def test_time_alternating_interleaves(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import merge_throughput
+
+    calls = []
+    seconds = merge_throughput.time_alternating(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3, lambda: None)
+    assert calls == ["a", "b"] * 3
+    assert {label: len(s) for label, s in seconds.items()} == {"a": 3, "b": 3}
