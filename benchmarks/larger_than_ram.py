@@ -7,10 +7,11 @@ merges all N into a float32 target in a fresh process and reports its throughput
 per second) against the disk's, and the process's peak RSS. Issue targets: peak RSS < 2 GB and
 >= 70% of the disk's sequential read speed.
 
-    python benchmarks/larger_than_ram.py --total-gib 32 --dir /var/tmp/lcsc-big
+    python benchmarks/larger_than_ram.py --total-gib 32 --dir /mnt/big-disk
     python benchmarks/larger_than_ram.py --total-gib 2 --n 16       # a quick look
 
-The files (--total-gib of them) are deleted afterwards unless --keep is given.
+The files (--total-gib of them) go into a new folder made inside --dir, which is deleted
+afterwards unless --keep is given; nothing else in --dir is touched.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -93,8 +95,12 @@ def main(argv=None) -> int:
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--total-gib", type=float, default=32.0, help="size of all checkpoints")
     p.add_argument("--n", type=int, default=128, help="number of checkpoints")
-    p.add_argument("--dir", default="/var/tmp/lcsc-larger-than-ram", help="where to write them")
-    p.add_argument("--keep", action="store_true", help="keep the files afterwards")
+    p.add_argument("--dir", default="/var/tmp",
+                   help="a folder on the disk to measure (created if missing); the checkpoints "
+                        "go into a new folder inside it (default: /var/tmp, which unlike /tmp "
+                        "is seldom in RAM)")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the checkpoints afterwards (their folder is printed)")
     p.add_argument("--json", metavar="PATH", help="write the figures as JSON")
     args = p.parse_args(argv)
 
@@ -102,12 +108,13 @@ def main(argv=None) -> int:
         TENSORS_PER_CHECKPOINT
     ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     os.makedirs(args.dir, exist_ok=True)
+    folder = tempfile.mkdtemp(prefix="lcsc-larger-than-ram-", dir=args.dir)
     result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "platform": platform.platform(), "ram_bytes": ram, "n": args.n,
               "params_per_checkpoint": params, "source_nbytes": 2 * params * args.n}
     try:
         start = time.perf_counter()
-        paths = write_checkpoints(args.dir, args.n, params)
+        paths = write_checkpoints(folder, args.n, params)
         result["write_seconds"] = time.perf_counter() - start
         evict(paths)
         result["disk_read_gbps"] = sequential_read_gbps(paths, min(8 * 2**30,
@@ -120,8 +127,10 @@ def main(argv=None) -> int:
         result["merge_gbps"] = result["source_nbytes"] / merge["seconds"] / 1e9
         result["pct_of_disk"] = 100 * result["merge_gbps"] / result["disk_read_gbps"]
     finally:
-        if not args.keep:
-            shutil.rmtree(args.dir, ignore_errors=True)
+        if args.keep:
+            print(f"kept the checkpoints in {folder}")
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
     print(f"trajectory: {args.n} bf16 checkpoints x {params / 1e6:.0f}M params = "
           f"{result['source_nbytes'] / 2**30:.1f} GiB on disk; RAM {ram / 2**30:.1f} GiB")
     print(f"disk sequential read: {result['disk_read_gbps']:.2f} GB/s (same files, cache evicted)")

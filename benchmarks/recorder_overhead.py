@@ -187,8 +187,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=list(DTYPES), default="none",
                    help="Recorder(dtype=...): none keeps float32 (none)")
     p.add_argument("--dir", default=None,
-                   help="where to record (a temporary directory is made inside it and removed; "
-                        "default: the system's temporary directory)")
+                   help="where to record (created if missing; a temporary directory is made "
+                        "inside it and removed; default: the system's temporary directory)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: torch's default)")
     p.add_argument("--quick", action="store_true",
@@ -209,6 +209,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.dir:
+        os.makedirs(args.dir, exist_ok=True)
     root = tempfile.mkdtemp(prefix="lcsc-recorder-bench-", dir=args.dir)
     try:
         return measure(args, root)

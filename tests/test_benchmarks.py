@@ -1,4 +1,4 @@
-"""The throughput benchmarks run end to end at their --quick sizes and report what they say.
+"""The benchmarks run end to end at tiny sizes and report what they say.
 
 Timings at these sizes mean nothing. What is checked: every method's output passed its fp64
 check (a method that fails is reported, not timed, and the script still exits 0, so only the
@@ -20,13 +20,17 @@ from conftest import device_params
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def run_quick(script: str, device: str, tmp_path: Path) -> dict:
+def run_benchmark(script: str, *args: str, tmp_path: Path) -> dict:
+    """Runs benchmarks/<script> with args from tmp_path; its JSON report."""
     out = tmp_path / "result.json"
-    proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), "--quick", "--device", device, "--json",
-         str(out)], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / script), *args, "--json", str(out)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return json.loads(out.read_text())
+
+
+def run_quick(script: str, device: str, tmp_path: Path) -> dict:
+    return run_benchmark(script, "--quick", "--device", device, tmp_path=tmp_path)
 
 
 def failed(rows: list[dict]) -> list[dict]:
@@ -65,6 +69,44 @@ def test_merge_throughput_quick(device, tmp_path):
 def test_lora_throughput_quick(device, tmp_path):
     result = run_quick("lora_throughput.py", device, tmp_path)
     assert result["rows"] and not failed(result["rows"])
+
+
+def test_recorder_overhead_quick(tmp_path):
+    runs = tmp_path / "runs"  # made by the benchmark, and left empty
+    result = run_benchmark("recorder_overhead.py", "--quick", "--dir", str(runs),
+                           tmp_path=tmp_path)
+    assert list(runs.iterdir()) == []
+    assert result["snapshot_nbytes"] > 0
+    assert "overhead_percent_block_paired_median" in result
+
+
+def test_search_overhead_small(tmp_path):
+    result = run_benchmark("search_overhead.py", "--n", "8", "--params", "20000", "--budget", "24",
+                           tmp_path=tmp_path)
+    sources = {row["source"] for row in result["rows"]}
+    assert len(sources) == 2  # state dicts in memory, and the same as a Trajectory of files
+    assert all(row["seconds_per_evaluation"] > 0 for row in result["rows"])
+
+
+def test_larger_than_ram_small_leaves_the_folder_as_it_was(tmp_path):
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    (folder / "keep-me.txt").write_text("a user's file")
+    result = run_benchmark("larger_than_ram.py", "--total-gib", "0.05", "--n", "4", "--dir",
+                           str(folder), tmp_path=tmp_path)
+    assert result["n"] == 4 and result["merge_gbps"] > 0
+    # Its checkpoints are gone, and what was there before is still there.
+    assert [p.name for p in folder.iterdir()] == ["keep-me.txt"]
+    assert (folder / "keep-me.txt").read_text() == "a user's file"
+
+
+def test_larger_than_ram_keep(tmp_path):
+    folder = tmp_path / "disk"  # made by the benchmark
+    run_benchmark("larger_than_ram.py", "--total-gib", "0.01", "--n", "2", "--dir", str(folder),
+                  "--keep", tmp_path=tmp_path)
+    (kept,) = folder.iterdir()
+    assert sorted(p.name for p in kept.iterdir()) == [
+        "step-00000000.safetensors", "step-00000001.safetensors"]
 
 
 def test_time_alternating_interleaves(monkeypatch):
