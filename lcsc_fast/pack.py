@@ -11,8 +11,9 @@
 
 The interleaving puts everything one block of a merge needs in one contiguous run of bytes, so
 a merge streams deltas.bin front to back: from disk when it is larger than memory, or as a few
-large copies to a GPU. A store is written under <dir>.partial and renamed into place when
-complete, so a <dir> that exists is whole.
+large copies to a GPU. A store is written in a new folder beside <dir>
+(<dir>.partial-<pid>-<random>) and renamed into place when complete, so a <dir> that exists is
+whole; a failed pack removes its folder.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import shutil
 
 import numpy as np
@@ -67,10 +69,30 @@ def pack(traj, out_dir, dtype="bf16", base: int = 0, block_elems: int = 65536) -
     out_dir = os.fspath(out_dir)
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise FileExistsError(f"pack: {out_dir} exists and is not empty; choose a new directory")
-    partial = out_dir.rstrip("/") + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(partial)
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    # A new folder beside out_dir, renamed into place when complete: an out_dir that exists is
+    # whole, and nothing already on disk is removed (a leftover of an interrupted pack could as
+    # well be a folder of the user's with the same name).
+    name = os.path.basename(os.path.abspath(out_dir))
+    partial = os.path.join(parent, f"{name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+    os.mkdir(partial)
+    try:
+        _write_store(traj, partial, base, delta_dtype, block_elems)
+        if os.path.exists(out_dir):
+            os.rmdir(out_dir)  # empty, checked above
+        os.replace(partial, out_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    fsync_dir(parent)
+    return out_dir
 
+
+def _write_store(traj: Trajectory, partial: str, base: int, delta_dtype: torch.dtype,
+                 block_elems: int) -> None:
+    """The store's files and manifest, written and fsynced in the folder `partial`."""
+    n = len(traj)
     base_ckpt = traj[base]
     float_names = traj._float_names
     save_file({k: v.contiguous() for k, v in base_ckpt.items()},
@@ -124,11 +146,6 @@ def pack(traj, out_dir, dtype="bf16", base: int = 0, block_elems: int = 65536) -
         f.flush()
         os.fsync(f.fileno())
     fsync_dir(partial)
-    if os.path.exists(out_dir):
-        os.rmdir(out_dir)  # empty, checked above
-    os.replace(partial, out_dir)
-    fsync_dir(os.path.dirname(os.path.abspath(out_dir)))
-    return out_dir
 
 
 def _elements(traj: Trajectory, i: int, name: str, lo: int, hi: int) -> torch.Tensor:

@@ -19,6 +19,7 @@ mask, so every merge path sees every dtype and shape class.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -866,7 +867,7 @@ def test_pack_single_checkpoint(run, paths, tmp_path):
     """N = 1: deltas.bin is empty, merges are w * theta_0 (bitwise: one column either way)."""
     out = pack(paths[:1], tmp_path / "one", dtype="bf16")
     assert os.path.getsize(os.path.join(out, "deltas.bin")) == 0
-    assert not os.path.exists(os.fspath(out) + ".partial")
+    assert partial_folders(tmp_path) == []
     with Trajectory.open(out, verify=True) as traj:
         assert len(traj) == 1
         assert_states_bitwise(traj.merge([0.7]), state_merge(run[:1], [0.7], None))
@@ -886,32 +887,65 @@ def test_pack_mixed_dtype_checkpoints(tmp_path):
                                                       merged[k].dtype) * 4, k)
 
 
+def partial_folders(folder) -> list[str]:
+    """The folders a pack writes in before renaming them into place, left in folder."""
+    return sorted(name for name in os.listdir(folder) if ".partial" in name)
+
+
 def test_pack_output_directory_rules(paths, tmp_path):
-    """A non-empty out_dir is refused (and left alone); an empty one is used; a stale
-    <out>.partial from an interrupted pack is replaced; none is left behind."""
+    """A non-empty out_dir is refused (and left alone); an empty one is used; a folder named
+    <out>.partial (an interrupted pack's, or the user's) is left alone; nothing is left
+    behind."""
     busy = tmp_path / "busy"
     os.makedirs(busy)
     (busy / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not empty"):
         pack(paths, busy)
     assert os.listdir(busy) == ["keep.txt"]
-    assert not os.path.exists(f"{busy}.partial")
+    assert partial_folders(tmp_path) == []
 
     empty = tmp_path / "empty"
     os.makedirs(empty)
     assert os.fspath(pack(paths, empty)) == os.fspath(empty)
     assert sorted(os.listdir(empty)) == ["base.safetensors", "deltas.bin",
                                          "integers.safetensors", "manifest.json"]
-    assert not os.path.exists(f"{empty}.partial")
+    assert partial_folders(tmp_path) == []
 
-    stale = tmp_path / "stale"
-    os.makedirs(f"{stale}.partial")
-    with open(f"{stale}.partial/deltas.bin", "wb") as f:
-        f.write(b"junk")
-    pack(paths, stale, dtype="fp32")
-    assert not os.path.exists(f"{stale}.partial")
-    with Trajectory.open(stale, verify=True) as traj:
+    other = tmp_path / "other"
+    os.makedirs(f"{other}.partial")
+    with open(f"{other}.partial/deltas.bin", "wb") as f:
+        f.write(b"not pack's")
+    pack(paths, other, dtype="fp32")
+    with open(f"{other}.partial/deltas.bin", "rb") as f:
+        assert f.read() == b"not pack's"
+    assert partial_folders(tmp_path) == ["other.partial"]
+    with Trajectory.open(other, verify=True) as traj:
         assert traj.kind == "packed"
+
+    nested = tmp_path / "new" / "folders" / "store"  # parents made
+    pack(paths, nested)
+    assert partial_folders(nested.parent) == []
+    with Trajectory.open(nested, verify=True) as traj:
+        assert traj.kind == "packed"
+
+
+def test_failed_pack_leaves_nothing(paths, tmp_path, monkeypatch):
+    """A pack that fails part-way (here: the disk fills while writing integers.safetensors)
+    raises, creates no out_dir and removes the folder it was writing in."""
+    pack_module = importlib.import_module("lcsc_fast.pack")  # lcsc_fast.pack is the function
+    real_save_file, calls = pack_module.save_file, []
+
+    def disk_full_on_second(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real_save_file(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(pack_module, "save_file", disk_full_on_second)
+    with pytest.raises(OSError, match="No space left"):
+        pack(paths, tmp_path / "store")
+    assert len(calls) == 2
+    assert os.listdir(tmp_path) == []
 
 
 def test_pack_argument_errors(paths, stores, tmp_path):
