@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -138,6 +139,34 @@ def test_threads_apply_while_training_only(tmp_path):
     finally:
         common._train = real_train
     assert seen == [2] and torch.get_num_threads() == before
+
+
+def _folder_state(folder) -> dict[str, bytes]:
+    """Every file under folder: relative path -> content."""
+    return {str(p.relative_to(folder)): p.read_bytes()
+            for p in pathlib.Path(folder).rglob("*") if p.is_file()}
+
+
+def test_a_run_folder_is_never_trained_into_twice(tmp_path, capsys):
+    """A second run into a run folder (even with another model) is refused before anything is
+    written: config, final weights and trajectory of the first stay as they were."""
+    out = tmp_path / "run"
+    dm.train(_tiny_config(tmp_path, steps=4, every=2))
+    before = _folder_state(out)
+    found = r"\(config.json, trajectory/manifest.json, model.safetensors, ema.safetensors\)"
+    with pytest.raises(FileExistsError, match="holds a run already " + found):
+        dm.train(_tiny_config(tmp_path, steps=4, every=2, width=48))
+    with pytest.raises(SystemExit) as exit_info:
+        dm.main(["--out", str(out), "--steps", "4", "--every", "2", "--no-progress"])
+    assert exit_info.value.code == 2
+    assert "holds a run already" in capsys.readouterr().err
+    assert _folder_state(out) == before
+
+    (tmp_path / "empty").mkdir()  # an empty folder, or one with other files, is fine
+    (tmp_path / "empty" / "notes.txt").write_text("mine")
+    run = dm.train(_tiny_config(tmp_path, out=str(tmp_path / "empty"), steps=2, every=1))
+    assert (tmp_path / "empty" / "notes.txt").read_text() == "mine"
+    assert os.path.exists(os.path.join(run.directory, common.CONFIG_FILE))
 
 
 def test_sampler_for_a_fid_objective():

@@ -2,6 +2,7 @@
 LoRA trajectory, give back the fine-tuned model; and the demo's LoRA mode end to end."""
 
 import json
+import pathlib
 
 import pytest
 import torch
@@ -32,6 +33,17 @@ def test_snapshots_hold_the_adapters_only(runs):
     with safe_open(f"{tuned.trajectory_dir}/{manifest['snapshots'][0]['file']}", "pt") as f:
         names = list(f.keys())
     assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
+
+
+def test_a_lora_run_folder_is_not_trained_into_again(runs):
+    """Refused before anything is written, adapter_config.json included."""
+    base, tuned = runs
+    folder = pathlib.Path(tuned.directory)
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    with pytest.raises(FileExistsError, match="holds a run already"):
+        lora.train(lora.LoRAConfig(out=tuned.directory, base=base.directory, steps=2, every=1,
+                                   rank=4, alpha=1.0, **TINY))
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
 
 
 def test_merging_the_last_adapter_gives_the_fine_tuned_model(runs):

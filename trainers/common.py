@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import lcsc_fast
+from lcsc_fast.recorder import MANIFEST_NAME
 
 from .digits import Batches, load_digits
 from .networks import Denoiser, build_model, num_parameters
@@ -118,9 +119,32 @@ def train(config: TrainConfig, trainer: str, model: Denoiser,
     split, a standard EMA model beside it, and a Recorder snapshot of both every config.every
     steps (steps are counted from 1, after each update). Writes the run folder; returns it.
     include: what the Recorder records (its include=; None: every floating-point tensor).
-    config.threads applies while training; torch's thread count is restored afterwards."""
+    config.threads applies while training; torch's thread count is restored afterwards.
+    A folder that holds a run already is refused (FileExistsError) and left as it is."""
+    check_new_run_folder(config.out)
     with _torch_threads(config.threads):
         return _train(config, trainer, model, loss_fn, extra_config, include)
+
+
+def check_new_run_folder(out: str) -> None:
+    """FileExistsError if out holds a run: training there would replace its config and final
+    weights and set its trajectory aside, or stop half-way on a model of another shape."""
+    recorded = os.path.join(TRAJECTORY_DIR, MANIFEST_NAME)
+    found = [name for name in (CONFIG_FILE, recorded, MODEL_FILE, EMA_FILE)
+             if os.path.exists(os.path.join(out, name))]
+    if found:
+        raise FileExistsError(f"{out} holds a run already ({', '.join(found)}); choose another "
+                              "--out (nothing there is overwritten)")
+
+
+def config_for_new_run(config_cls, p: argparse.ArgumentParser, args: argparse.Namespace):
+    """The config of a command line's arguments; an --out that holds a run is a usage error."""
+    config = config_from_args(config_cls, args)
+    try:
+        check_new_run_folder(config.out)
+    except FileExistsError as e:
+        p.error(str(e))
+    return config
 
 
 @contextlib.contextmanager

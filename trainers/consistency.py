@@ -175,6 +175,6 @@ def main_for(config_cls, train, description: str, examples: str, argv=None) -> c
     p.add_argument("--fid-samples", type=int, default=FID_SAMPLES,
                    help="samples per FID at the end (0: no FID)")
     args = p.parse_args(argv)
-    run = train(common.config_from_args(config_cls, args))
+    run = train(common.config_for_new_run(config_cls, p, args))
     print_report(run, args.fid_samples)
     return run

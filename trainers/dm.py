@@ -104,7 +104,7 @@ def main(argv=None) -> common.Run:
     p.add_argument("--fid-samples", type=int, default=2000,
                    help="samples per FID at the end (0: no FID); default 2000")
     args = p.parse_args(argv)
-    config = common.config_from_args(DMConfig, args)
+    config = common.config_for_new_run(DMConfig, p, args)
     run = train(config)
     print(f"trained {config.steps} steps in {run.seconds:.1f} s; run folder: {run.directory}, "
           f"trajectory: {run.trajectory_dir}")

@@ -122,6 +122,7 @@ def _loss_for(base_run: dict, config: LoRAConfig):
 
 def train(config: LoRAConfig) -> common.Run:
     """Fine-tunes the base run's final weights with adapters; records the adapters only."""
+    common.check_new_run_folder(config.out)  # before adapter_config.json is written there
     base_run = common.read_config(config.base)
     spec = base_run["model"]
     # The architecture is the base run's, whatever this config's own model fields say.
@@ -154,7 +155,7 @@ def main(argv=None) -> common.Run:
                           "ect or dm run folder), recording the adapters every --every steps.",
                           EXAMPLES)
     args = p.parse_args(argv)
-    run = train(common.config_from_args(LoRAConfig, args))
+    run = train(common.config_for_new_run(LoRAConfig, p, args))
     print(f"trained in {run.seconds:.1f} s; run folder {run.directory}")
     return run
 
