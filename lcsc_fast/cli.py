@@ -159,7 +159,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="ct: consistency training (iCT-style); cd: consistency distillation "
                         "and ect: consistency tuning, both from a diffusion model trained "
                         "first; dm: the diffusion model itself (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--quick", action="store_true",
                    help="fewer steps, evaluations and samples: under 2 minutes")
     p.add_argument("--steps", type=_positive_int, metavar="N",
@@ -175,6 +175,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="then fine-tune the final model with LoRA (recording the adapters) and "
                         "compare LCSC over the adapters with LCSC over the full model "
                         "(the paper's Tab. 5 in miniature)")
+    p.add_argument("--lora-steps", type=_positive_int, metavar="N",
+                   help="with --lora: fine-tuning steps; --checkpoints must divide them "
+                        "(default: 2000; --quick: 320)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bars or timings")
     p.set_defaults(run=_cmd_demo)
@@ -214,7 +217,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--algorithm", choices=("lcsc", "cmaes"), default="lcsc",
                    help="lcsc: the paper's evolutionary search; cmaes: CMA-ES "
                         "(default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--resume", action="store_true",
                    help=f"continue the search saved in DIR/{STATE_NAME} (same arguments; a "
                         "larger --budget extends a finished search)")
@@ -281,7 +284,17 @@ def _positive_int(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive number of evaluations")
+        raise argparse.ArgumentTypeError(f"{value} is not positive")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; seeds are integers >= 0")
     return value
 
 
@@ -364,7 +377,7 @@ def _cmd_demo(args) -> int:
                  "sample_steps": args.sample_steps, "lora": args.lora,
                  "progress": args.progress}
     for option, field in (("steps", "train_steps"), ("checkpoints", "checkpoints"),
-                          ("budget", "budget")):
+                          ("budget", "budget"), ("lora_steps", "lora_steps")):
         if getattr(args, option) is not None:
             overrides[field] = getattr(args, option)
     config = demo.DemoConfig.quick(**overrides) if args.quick else demo.DemoConfig(**overrides)
@@ -488,6 +501,10 @@ def _cmd_merge(args) -> int:
     out_dir = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(out_dir):
         raise UsageError(f"--out {out}: the directory {out_dir} does not exist; create it first")
+    for path in [*args.paths, *(args.lora_base or ())]:
+        if _same_file(out, path) or (os.path.isdir(path) and _inside(out, path)):
+            raise UsageError(f"--out {out} is {'in ' if os.path.isdir(path) else ''}{path}, "
+                             "which the merge reads; write it elsewhere")
     with _open(args.paths, args) as traj:
         if os.path.exists(out) and any(_same_file(out, f.path) for f in traj._files):
             raise UsageError(f"--out {out} is one of the trajectory's own files; choose "
@@ -496,12 +513,33 @@ def _cmd_merge(args) -> int:
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
                  None: None}[args.dtype]
         merged = traj.merge(coeffs, base=args.base, dtype=dtype)
+        _check_finite(merged, traj, coeffs)
         metadata = {"format": "pt", "lcsc_fast": json.dumps(
             {"coefficients": coeffs, "steps": list(traj.steps), "base": args.base})}
         _atomic(out, lambda tmp: save_file(merged, tmp, metadata=metadata))
     print(f"merged {len(coeffs)} checkpoints (coefficients sum to {math.fsum(coeffs):.6g}) "
           f"into {out}")
     return EXIT_OK
+
+
+def _check_finite(merged: dict, traj, coeffs) -> None:
+    """UsageError naming the first tensor of the merge that is not finite and the checkpoints
+    that hold NaN or Inf in it (a zero coefficient does not hide them: 0 * NaN is NaN)."""
+    import torch
+
+    for name, tensor in merged.items():
+        if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+            continue
+        culprits = [i for i in range(len(traj))
+                    if not bool(torch.isfinite(traj[i][name].float()).all())]
+        where = (f"checkpoint(s) {_short(culprits)} hold NaN or Inf there" if culprits else
+                 "the coefficients overflow float32 there")
+        raise UsageError(f"the merged {name!r} is not finite: {where}; nothing was written")
+
+
+def _inside(path: str, directory: str) -> bool:
+    real, folder = os.path.realpath(path), os.path.realpath(directory)
+    return os.path.commonpath([real, folder]) == folder
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -531,7 +569,12 @@ def _read_coefficients(path: str, traj) -> list[float]:
             isinstance(x, (int, float)) and not isinstance(x, bool) for x in data):
         raise UsageError(f"--coeffs {path}: the coefficients must be a JSON list of numbers, "
                          "one per checkpoint")
-    coeffs = [float(x) for x in data]
+    try:
+        coeffs = [float(x) for x in data]
+    except OverflowError:
+        big = next(i for i, x in enumerate(data) if abs(x) > 1e308)
+        raise UsageError(f"--coeffs {path}: coefficient {big} is too large for a float; every "
+                         "coefficient must be finite") from None
     bad = [i for i, x in enumerate(coeffs) if not math.isfinite(x)]
     if bad:
         raise UsageError(f"--coeffs {path}: coefficient {bad[0]} is {coeffs[bad[0]]}; every "
@@ -585,6 +628,12 @@ def _cmd_pack(args) -> int:
 
 # ---------------------------------------------------------------- search
 
+def _records_steps(paths) -> bool:
+    """Whether the trajectory at paths records its checkpoints' steps: a Recorder directory
+    or a packed store does, checkpoint files do not."""
+    return len(paths) == 1 and os.path.isdir(paths[0])
+
+
 def _cmd_search(args) -> int:
     from .search import search
 
@@ -605,10 +654,14 @@ def _cmd_search(args) -> int:
         if args.resume and not os.path.exists(state_path):
             print(f"{PROG} search: no {state_path} yet; starting from the beginning",
                   file=sys.stderr)
-        os.makedirs(out, exist_ok=True)
         steps = list(traj.steps)
         if args.every is not None:
+            if _records_steps(args.paths):
+                raise UsageError(f"--every: {args.paths[0]} records its checkpoints' steps "
+                                 f"({_short(steps)}); --every is for checkpoint files, which "
+                                 "do not")
             steps = [i * args.every for i in range(len(traj))]
+        os.makedirs(out, exist_ok=True)
         result = search(traj, _guarded_objective(objective, args.objective), target,
                         budget=args.budget, algorithm=args.algorithm, seed=args.seed,
                         state_path=state_path, history_path=os.path.join(out, HISTORY_NAME),
@@ -704,6 +757,9 @@ def _load_callable(spec: str, option: str):
         sys.modules[name] = module  # dataclasses and pickling look their module up here
         try:
             spec_obj.loader.exec_module(module)
+        except Exception as e:
+            sys.modules.pop(name, None)
+            raise UserCodeError(f"{option} {spec}: importing {module_name}") from e
         except BaseException:
             sys.modules.pop(name, None)
             raise
@@ -712,11 +768,14 @@ def _load_callable(spec: str, option: str):
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as e:
             if e.name is not None and module_name.split(".")[0] != e.name.split(".")[0]:
-                raise  # the module exists but imports a missing one: its traceback says where
+                # the module exists but imports a missing one: its traceback says where
+                raise UserCodeError(f"{option} {spec}: importing {module_name}") from e
             raise UsageError(f"{option} {spec!r}: no module named {module_name!r} (looked in "
                              f"the current directory {os.getcwd()} and on sys.path); pass "
                              "MODULE:FUNCTION for a module there, or path/to/file.py:FUNCTION"
                              ) from None
+        except Exception as e:  # the module's own code raised while importing
+            raise UserCodeError(f"{option} {spec}: importing {module_name}") from e
     try:
         fn = getattr(module, attr)
     except AttributeError:

@@ -24,6 +24,7 @@ import torch
 
 from . import coefficients as coeffs_mod
 from . import plots
+from ._io import write_atomically
 from .engine import merge_into
 from .metrics import FIDObjective
 from .search import search
@@ -55,12 +56,27 @@ class DemoConfig:
     lora_ema_rate: float = 0.99
     progress: bool = True
 
+    def check(self) -> None:
+        """ValueError naming the first setting the demo cannot run with."""
+        if self.trainer not in TRAINERS:
+            raise ValueError(f"trainer: {self.trainer!r} is not one of {', '.join(TRAINERS)}")
+        if self.checkpoints < 8 or self.train_steps % self.checkpoints:
+            raise ValueError(f"checkpoints: {self.checkpoints} must be >= 8 and divide "
+                             f"train_steps ({self.train_steps})")
+        if self.lora and self.lora_steps % self.checkpoints:
+            raise ValueError(f"checkpoints: {self.checkpoints} must divide lora_steps "
+                             f"({self.lora_steps})")
+        if os.path.isdir(self.out) and os.listdir(self.out):
+            raise ValueError(f"{self.out} is not empty (a demo ran there before?); the demo "
+                             "writes its run folders and report there: choose another --out "
+                             "(nothing there is overwritten)")
+
     @classmethod
     def quick(cls, **overrides) -> DemoConfig:
         """The same pipeline, small enough for under 2 minutes on two CPU cores."""
         return cls(**{"train_steps": 600, "teacher_steps": 400, "checkpoints": 40,
                       "budget": 64, "search_samples": 400, "eval_samples": 1000,
-                      "lora_steps": 300,
+                      "lora_steps": 320,
                       **overrides})
 
 
@@ -109,19 +125,7 @@ def run(config: DemoConfig) -> dict:
     """Train, search, evaluate and write the report folder; returns results.json's content."""
     from .trainers import classifier, common
 
-    if config.trainer not in TRAINERS:
-        raise ValueError(f"trainer: {config.trainer!r} is not one of {', '.join(TRAINERS)}")
-    if config.checkpoints < 8 or config.train_steps % config.checkpoints:
-        raise ValueError(f"checkpoints: {config.checkpoints} must be >= 8 and divide "
-                         f"train_steps ({config.train_steps})")
-    if config.lora and config.lora_steps % config.checkpoints:
-        raise ValueError(f"checkpoints: {config.checkpoints} must divide lora_steps "
-                         f"({config.lora_steps})")
-    for name in ("run", "teacher", "lora"):
-        if os.path.exists(os.path.join(config.out, name)):
-            raise ValueError(f"{os.path.join(config.out, name)} exists: a demo ran in "
-                             f"{config.out} before; choose another --out (nothing there is "
-                             "overwritten)")
+    config.check()
     clock = _Clock(config.progress)
     os.makedirs(config.out, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -383,8 +387,7 @@ def _report(config: DemoConfig, rows: list[Row], nfes, searches: list[_Searched]
         *[f"![{row.method}]({figures[row.method]})" for row in rows], "",
         f"Run time {seconds:.0f} s (training {trained.seconds:.0f} s).", "",
     ]
-    with open(os.path.join(out, "summary.md"), "w") as f:
-        f.write("\n".join(summary))
+    _write_text(os.path.join(out, "summary.md"), "\n".join(summary))
     print("\n".join(table))
     print(f"\nreport: {os.path.join(out, 'summary.md')} (and results.json, PNGs); "
           f"{seconds:.0f} s in all")
@@ -401,7 +404,13 @@ def _write_json(path: str, data) -> None:
             return [clean(v) for v in x]
         return x
 
-    with open(path + ".tmp", "w") as f:
-        json.dump(clean(data), f, indent=1)
-        f.write("\n")
-    os.replace(path + ".tmp", path)
+    _write_text(path, json.dumps(clean(data), indent=1) + "\n")
+
+
+def _write_text(path: str, text: str) -> None:
+    """path holds its old content or all of text, never a part."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    write_atomically(path, write)

@@ -504,6 +504,8 @@ def merge_case(work, capsys):
     pytest.param([0.2, 0.2, "x", 0.2, 0.2], ["a JSON list of numbers"], id="not-numbers"),
     pytest.param("[0.2, 0.2,", ["cannot read it as JSON"], id="not-json"),
     pytest.param("[0.2, 0.2, NaN, 0.2, 0.2]", ["coefficient 2 is nan", "finite"], id="nan"),
+    pytest.param("[0.2, 0.2, 0.2, 1" + "0" * 400 + ", 0.2]",
+                 ["coefficient 3 is too large for a float"], id="huge-integer"),
 ])
 def test_merge_bad_coefficient_file(merge_case, content, fragments):
     code, err = merge_case(content)
@@ -525,12 +527,24 @@ def test_merge_refuses_to_overwrite_without_force(work, capsys):
     assert_usage_error(code, err, "--out merged.safetensors exists", "--force")
     with open("merged.safetensors", "rb") as f:
         assert f.read() == b"keep me"
-    # Nor over one of the trajectory's own files, even with --force.
-    target = "run/step-00000100.safetensors"
+    # Nor into the trajectory's folder, even with --force: not over a snapshot, not over the
+    # manifest (which would lose the run), not as a new file there.
     before = listing("run")
-    code, _, err = run(capsys, "merge", "run", "--coeffs", "w.json", "--out", target, "--force")
-    assert_usage_error(code, err, "is one of the trajectory's own files")
-    assert listing("run") == before
+    for target in ("run/step-00000100.safetensors", "run/manifest.json",
+                   "run/merged.safetensors"):
+        code, _, err = run(capsys, "merge", "run", "--coeffs", "w.json", "--out", target,
+                           "--force")
+        assert_usage_error(code, err, f"--out {target} is in run, which the merge reads")
+        assert listing("run") == before
+    # Nor over a checkpoint file given as a PATH.
+    files = sorted(glob.glob("files/*.safetensors"))
+    with open("w4.json", "w") as f:
+        json.dump([0.25] * 4, f)
+    before = listing("files")
+    code, _, err = run(capsys, "merge", *files, "--coeffs", "w4.json", "--out", files[2],
+                       "--force")
+    assert_usage_error(code, err, f"--out {files[2]} is {files[2]}, which the merge reads")
+    assert listing("files") == before
     code, _, err = run(capsys, "merge", "run", "--coeffs", "w.json", "--out",
                        "nowhere/merged.safetensors")
     assert_usage_error(code, err, "does not exist; create it first")
@@ -608,7 +622,54 @@ def test_search_too_few_checkpoints_and_bad_budget(work, capsys):
     code, _, err = search(capsys, name, "out", path="files/ckpt-0.safetensors")
     assert_usage_error(code, err, "1 checkpoint(s); a search needs at least 2")
     code, _, err = search(capsys, name, "out", budget=0)
-    assert code == 2 and "--budget: 0 is not a positive number of evaluations" in err
+    assert code == 2 and "--budget: 0 is not positive" in err
+
+
+def test_merge_of_a_checkpoint_holding_nan_is_refused(work, capsys):
+    """0 * NaN is NaN: a zero coefficient does not remove a NaN, so the merge is refused,
+    naming the tensor and the checkpoint, and nothing is written."""
+    files = sorted(glob.glob("files/*.safetensors"))
+    broken = checkpoint(0, 4, 0)
+    broken["w"][3, 1] = float("nan")
+    save_file(broken, files[0])
+    with open("w.json", "w") as f:
+        json.dump([0.0, 0.5, 0.25, 0.25], f)
+    code, _, err = run(capsys, "merge", *files, "--coeffs", "w.json", "--out", "m.safetensors")
+    assert_usage_error(code, err, "the merged 'w' is not finite", "checkpoint(s) [0] hold NaN",
+                       "nothing was written")
+    assert not os.path.exists("m.safetensors")
+
+
+def test_search_every_on_a_trajectory_that_records_its_steps(work, capsys):
+    """--every would replace the recorded steps, and merge would then refuse the result."""
+    _, name, _ = work
+    code, _, err = search(capsys, name, "out", "--every", "5")
+    assert_usage_error(code, err, "--every: run records its checkpoints' steps",
+                       "[100, 200, 300, 500, 800]")
+    assert not os.path.exists("out")
+
+
+def test_search_negative_seed(work, capsys):
+    _, name, _ = work
+    code, _, err = search(capsys, name, "out", "--seed", "-1")
+    assert code == 2 and "argument --seed: -1 is negative" in err
+    assert not os.path.exists("out")
+
+
+@pytest.mark.parametrize("as_path", [False, True], ids=["module", "file-path"])
+def test_an_objective_module_that_raises_on_import_shows_its_traceback(work, capsys, as_path):
+    tmp, name, _ = work
+    module = f"{name}_raises"
+    (tmp / f"{module}.py").write_text("raise ValueError('broken at import')\n")
+    spec = f"{module}.py:distance" if as_path else f"{module}:distance"
+    code, _, err = run(capsys, "search", "run", "--objective", spec, "--out", "out",
+                       "--no-progress")
+    assert code == 1
+    assert "Traceback" in err and "ValueError: broken at import" in err
+    assert err.strip().splitlines()[-1] == (
+        f"lcsc-fast search: error: --objective {spec}: importing "
+        f"{module}{'.py' if as_path else ''} raised ValueError (traceback above)")
+    assert not os.path.exists("out")
 
 
 def test_an_objective_that_raises_shows_its_traceback(work, capsys):

@@ -48,4 +48,37 @@ def test_results_name_every_method_with_fid_steps_nfe_and_samples(quick_demo):
 
 def test_refuses_to_run_over_an_earlier_demo(quick_demo, capsys):
     assert cli.main(["demo", "--quick", "--out", str(quick_demo), "--no-progress"]) == 2
-    assert "exists" in capsys.readouterr().err
+    assert f"{quick_demo} is not empty (a demo ran there before?)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["plain", "lora"])
+def test_quick_settings_pass_the_demos_checks(tmp_path, lora):
+    from lcsc_fast import demo
+
+    demo.DemoConfig.quick(out=str(tmp_path / "new"), lora=lora).check()
+    demo.DemoConfig(out=str(tmp_path / "new"), lora=lora).check()
+
+
+def test_demo_options_reach_its_config(tmp_path, monkeypatch):
+    from lcsc_fast import demo
+
+    seen = []
+    monkeypatch.setattr(demo, "run", seen.append)
+    argv = ["demo", "--quick", "--lora", "--lora-steps", "80", "--checkpoints", "8", "--steps",
+            "160", "--out", str(tmp_path / "d"), "--no-progress"]
+    assert cli.main(argv) == 0
+    (config,) = seen
+    assert (config.lora, config.lora_steps, config.checkpoints, config.train_steps) == (
+        True, 80, 8, 160)
+    config.check()
+
+
+def test_demo_refuses_a_folder_that_is_not_empty(tmp_path, capsys):
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "summary.md").write_text("my own notes")
+    code = cli.main(["demo", "--quick", "--out", str(out), "--no-progress"])
+    assert code == 2
+    assert f"{out} is not empty" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["summary.md"]
+    assert (out / "summary.md").read_text() == "my own notes"
