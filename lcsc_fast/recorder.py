@@ -29,7 +29,9 @@ else it may leave is a temporary file (ours end in ".tmp"; safetensors' save_fil
 a ".tmpXXXXXX" of its own) or a complete snapshot that is not listed yet. A Recorder
 started on the directory removes the former and lists the latter (after checking that it is a
 complete safetensors file of this model), or moves it to <dir>/discarded/ when it is not. Files
-the user recorded are moved, never deleted.
+the user recorded are moved, never deleted. It does so only once it has accepted the directory
+as its own: one it refuses (another program's manifest, another `every`, ...) is left exactly as
+it was, its temporary files included.
 """
 
 from __future__ import annotations
@@ -368,7 +370,11 @@ class _Stream:
         listed = {s["file"] for s in self.snapshots}
         last = self.snapshots[-1]["step"] if self.snapshots else -1
         good, bad = {}, []
-        for name in sorted(os.listdir(self.directory)):
+        try:
+            names = sorted(os.listdir(self.directory))
+        except FileNotFoundError:  # <dir>/ema before the first Recorder with ema= made it
+            return good, bad
+        for name in names:
             step = _snapshot_step(name)
             if step is None or name in listed:
                 continue
@@ -605,6 +611,9 @@ class Recorder:
         self._error_reported = False
 
         os.makedirs(directory, exist_ok=True)
+        # Refused before the lock file is created: a directory we refuse may be another
+        # program's, so it is left exactly as it was. _open_directory checks again, locked.
+        _check_directory(streams, directory)
         self._lock_fd = _lock_directory(directory)
         try:
             self._last_step = _open_directory(streams, directory)
@@ -738,24 +747,18 @@ class Recorder:
         raise RuntimeError(f"lcsc_fast.Recorder on {self._directory} is closed")
 
 
-def _open_directory(streams: list[_Stream], directory: str) -> int | None:
-    """Bring the directory to a consistent state before recording; returns the last step.
-
-    Removes stale .tmp files, reads and checks the manifests, lists the complete unlisted
-    snapshots a killed run left (a step only when every stream has it, so the model's and the
-    EMA's manifests keep the same steps), moves the other unlisted snapshot files to
-    discarded/, and writes the manifests that are missing or changed.
-    """
-    main = streams[0]
-    for s in streams:
-        os.makedirs(s.directory, exist_ok=True)
-        s.remove_stale_tmp()
+def _check_directory(streams: list[_Stream], directory: str
+                     ) -> tuple[list[bool], list[tuple[dict[int, str], list[str]]], set[int]]:
+    """Read and check the manifests and the unlisted snapshot files, changing nothing on disk,
+    so that a directory this raises ValueError for is left as it was. Returns, per stream,
+    whether its manifest existed and its unlisted() files, and the steps every stream has."""
     existed = [s.read_manifest() for s in streams]
     ema_manifest = os.path.join(directory, EMA_DIR, MANIFEST_NAME)
     if len(streams) == 1 and os.path.exists(ema_manifest):
         raise ValueError(f"{directory} holds an EMA trajectory as well ({ema_manifest}), but "
                          "this Recorder has no ema module; pass ema=<the EMA module> to keep "
                          "recording both, or record into a new directory")
+    main = streams[0]
     if len(streams) == 2 and main.snapshots and not existed[1]:
         raise ValueError(f"{directory} holds snapshots up to step {main.snapshots[-1]['step']} "
                          "without EMA snapshots, so EMA snapshots recorded now would not have "
@@ -774,6 +777,25 @@ def _open_directory(streams: list[_Stream], directory: str) -> int | None:
                              "manifest neither lists nor has complete files for; the directory "
                              "was changed outside lcsc_fast.Recorder. Record into a new "
                              "directory")
+    return existed, found, common
+
+
+def _open_directory(streams: list[_Stream], directory: str) -> int | None:
+    """Bring the directory, locked by this Recorder, to a consistent state before recording;
+    returns the last step.
+
+    Reads and checks the manifests (again: another Recorder may have changed them before we
+    took the lock), and only then, in a directory accepted as ours, removes stale .tmp files,
+    lists the complete unlisted snapshots a killed run left (a step only when every stream
+    has it, so the model's and the EMA's manifests keep the same steps), moves the other
+    unlisted snapshot files to discarded/, and writes the manifests that are missing or
+    changed.
+    """
+    main = streams[0]
+    existed, found, common = _check_directory(streams, directory)
+    for s in streams:
+        os.makedirs(s.directory, exist_ok=True)
+        s.remove_stale_tmp()
     for s, existed_before, (good, bad) in zip(streams, existed, found):
         adopt = sorted(step for step in good if step in common)
         bad = bad + [path for step, path in good.items() if step not in common]

@@ -541,6 +541,50 @@ def test_restart_refuses_a_manifest_whose_file_changed(tmp_path):
         Recorder(small_model(), tmp_path, every=2)
 
 
+def tree(directory) -> dict[str, bytes | None]:
+    """Every path under directory (relative) with its bytes; None for a directory."""
+    out = {}
+    for root, dirs, files in os.walk(directory):
+        for name in dirs:
+            out[os.path.relpath(os.path.join(root, name), directory)] = None
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, directory)] = f.read()
+    return out
+
+
+@pytest.mark.parametrize("ema", [False, True], ids=["ema=None", "ema=module"])
+@pytest.mark.parametrize("refusal", ["foreign manifest", "packed store", "another every",
+                                     "another ema setting", "foreign ema manifest"])
+def test_a_refused_directory_is_left_as_it_was(tmp_path, refusal, ema):
+    """A Recorder removes temporary files only in a directory it has accepted: one it refuses
+    may hold another program's .tmpXXXXXX or manifest.json.tmp. It gets no lock file and no
+    ema/ either."""
+    d = tmp_path / "traj"
+    if refusal == "foreign manifest":
+        d.mkdir()
+        (d / "manifest.json").write_text('{"format": "something-else"}')
+    elif refusal == "packed store":
+        d.mkdir()
+        (d / "manifest.json").write_text('{"format": "lcsc_fast.packed", "version": 1}')
+    elif refusal == "another every":
+        record(d, range(0, 3), every=3, ema=ema)
+    elif refusal == "another ema setting":
+        record(d, range(0, 3), ema=not ema)
+    else:
+        record(d, range(0, 3), ema=True)
+        (d / "ema/manifest.json").write_text('{"format": "something-else"}')
+        (d / "ema/.tmpXyZ789").write_text("another program's temporary file")
+    (d / ".tmpAbC123").write_text("another program's temporary file")
+    (d / "manifest.json.tmp").write_text("another program's manifest, half written")
+    (d / "step-00000004.safetensors.tmp").write_bytes(snapshot_bytes(4, 4)[:100])
+    before = tree(d)
+    with pytest.raises(ValueError, match=re.escape(str(d))):
+        Recorder(small_model(), d, every=2, ema=small_model() if ema else None)
+    assert tree(d) == before
+
+
 # ---------------------------------------------------------------- recording some entries only
 
 
