@@ -37,6 +37,12 @@ def merge_staged(traj, targets, device, columns, base_column, extra,
     chunks = _chunks(padded.sum(axis=1), chunk_nbytes)
     if not chunks:
         return
+    # One plan for the whole merge, built on the mapped files' addresses, checks every output
+    # against every other output and every input, as the in-place path does; plans per chunk
+    # would miss overlaps across chunks, and raise only after earlier chunks were written. Each
+    # chunk then points its rows at the staged copies of the same bytes and runs them (on a
+    # copy of src_addr: the plan may share its array, and the gathers still read it).
+    plan = traj._plan(rows, src_addr.copy(), targets, device, base_column, extra)
     capacity = max(int(padded[lo:hi].sum()) for lo, hi in chunks)
     pinned = [torch.empty(capacity, dtype=torch.uint8, pin_memory=on_cuda) for _ in range(2)]
     staged = ([torch.empty(capacity, dtype=torch.uint8, device=device) for _ in range(2)]
@@ -63,9 +69,9 @@ def merge_staged(traj, targets, device, columns, base_column, extra,
                     copied[slot] = torch.cuda.Event()
                     copied[slot].record(copier)
                 compute.wait_event(copied[slot])
-            src = (staged[slot].data_ptr() + offsets).reshape(hi - lo, -1)
-            plan = traj._plan(rows[lo:hi], src, targets, device, base_column, extra)
-            plan.run(columns)
+            src = (staged[slot].data_ptr() + offsets).reshape(hi - lo, -1)  # [hi - lo, M]
+            traj._restage(plan, lo, hi, src, base_column)
+            plan.run(columns, lo, hi)
             if on_cuda:
                 merged[slot] = torch.cuda.Event()
                 merged[slot].record(compute)

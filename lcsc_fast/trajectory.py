@@ -130,8 +130,9 @@ class Trajectory(Sequence):
         if not isinstance(source, Sequence) or isinstance(source, (str, bytes)) or not source:
             raise TypeError("Trajectory.open: expected a directory or a non-empty list of "
                             "checkpoint paths")
-        checkpoints = [_checkpoint_files(os.fspath(p)) for p in source]
-        return cls._from_checkpoints(checkpoints, steps=list(range(len(checkpoints))))
+        checkpoints, indexes = zip(*(_checkpoint_source(os.fspath(p)) for p in source))
+        return cls._from_checkpoints(list(checkpoints), steps=list(range(len(checkpoints))),
+                                     indexes=indexes)
 
     @classmethod
     def _open_recorded(cls, path: str, manifest: dict) -> "Trajectory":
@@ -139,11 +140,13 @@ class Trajectory(Sequence):
         return cls._from_checkpoints([[f] for f in files], steps=steps)
 
     @classmethod
-    def _from_checkpoints(cls, checkpoints: list[list[str]], steps: list[int]) -> "Trajectory":
-        """checkpoints: per checkpoint, the files (shards) that together hold it."""
+    def _from_checkpoints(cls, checkpoints: list[list[str]], steps: list[int],
+                          indexes=None) -> "Trajectory":
+        """checkpoints: per checkpoint, the files (shards) that together hold it; indexes: per
+        checkpoint, None or the (path, weight_map) of the index naming those shards."""
         headers, file_index = [], {}
         per_checkpoint = []
-        for files in checkpoints:
+        for k, files in enumerate(checkpoints):
             entries = {}
             for path in files:
                 if path not in file_index:
@@ -155,6 +158,8 @@ class Trajectory(Sequence):
                         raise CheckpointError(f"{path}: tensor {name!r} is also in "
                                               f"{headers[entries[name][0]].path}")
                     entries[name] = (file_index[path], entry)
+            if indexes is not None and indexes[k] is not None:
+                _check_index(*indexes[k], entries, headers)
             per_checkpoint.append(entries)
 
         first, first_path = per_checkpoint[0], checkpoints[0][0]
@@ -436,6 +441,15 @@ class Trajectory(Sequence):
             device, [self._float_names[t] for t in tensor], seg.numel[rows], np.stack(outs),
             out_code[tensor], base_ptr, base_dtype, src, src_dtype, num_checkpoints=len(self))
 
+    @staticmethod
+    def _restage(plan, lo: int, hi: int, src: np.ndarray, base_column) -> None:
+        """Point rows [lo, hi) of a plan made by _plan at other addresses of their source
+        columns, src ([hi - lo, M]): staged copies of the same bytes, so its checks stand."""
+        srcs = plan.srcs.reshape(len(plan.numels), -1)  # a view: [R, N], N >= M
+        srcs[lo:hi, :src.shape[1]] = src
+        if isinstance(base_column, int):  # the base is one of the columns (see _plan)
+            plan.bases[lo:hi] = src[:, base_column]
+
     def _caller_column(self, extra, device, tensor, start):
         """Pointers and dtype codes of a caller's state dict (a base) for segments of tensors
         `tensor` starting at elements `start`."""
@@ -545,30 +559,64 @@ def _read_json(path: str):
 
 def _checkpoint_files(path: str) -> list[str]:
     """The files of one checkpoint: a .safetensors file, or the shards of an index."""
+    return _checkpoint_source(path)[0]
+
+
+def _checkpoint_source(path: str) -> tuple[list[str], tuple[str, dict[str, str]] | None]:
+    """The files of one checkpoint (a .safetensors file, or the shards of an index), and for a
+    sharded one its index: (index path, tensor name -> shard path)."""
     if os.path.isdir(path):
         index = os.path.join(path, "model.safetensors.index.json")
         single = os.path.join(path, "model.safetensors")
         if os.path.exists(index):
             path = index
         elif os.path.exists(single):
-            return [single]
+            return [single], None
         else:
             raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
     if path.endswith(".json"):
-        index = _read_json(path)
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{path}: a sharded-checkpoint index needs a weight_map")
-        folder = os.path.dirname(path)
-        shards = sorted(set(weight_map.values()))
-        files = [os.path.join(folder, s) for s in shards]
+        weight_map = _index_weight_map(path)
+        files = sorted(set(weight_map.values()))
         missing = [f for f in files if not os.path.exists(f)]
         if missing:
             raise CheckpointError(f"{path}: shard {missing[0]} is missing")
-        return files
+        return files, (path, weight_map)
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file")
-    return [path]
+    return [path], None
+
+
+def _index_weight_map(path: str) -> dict[str, str]:
+    """A sharded-checkpoint index's weight_map: tensor name -> the path of the shard holding it."""
+    index = _read_json(path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{path}: a sharded-checkpoint index needs a weight_map, an object "
+                              "mapping each tensor name to the shard file holding it")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise CheckpointError(f"{path}: weight_map[{name!r}] is {json.dumps(shard)[:80]}, "
+                                  "not the file name of a shard")
+    folder = os.path.dirname(path)
+    return {name: os.path.join(folder, shard) for name, shard in weight_map.items()}
+
+
+def _check_index(path: str, weight_map: dict[str, str], entries: dict, headers: list) -> None:
+    """The tensors of a sharded checkpoint (entries: name -> (file index, TensorEntry)) are
+    exactly those its index at path lists, each in the shard the index names."""
+    for name, shard in weight_map.items():
+        if name not in entries:
+            raise CheckpointError(f"{path}: weight_map lists tensor {name!r} in {shard}, but no "
+                                  "shard holds it; the index does not match its shards")
+        held_by = headers[entries[name][0]].path
+        if held_by != shard:
+            raise CheckpointError(f"{path}: weight_map lists tensor {name!r} in {shard}, but "
+                                  f"{held_by} holds it; the index does not match its shards")
+    unlisted = sorted(entries.keys() - weight_map.keys())
+    if unlisted:
+        name = unlisted[0]
+        raise CheckpointError(f"{path}: tensor {name!r} of {headers[entries[name][0]].path} is "
+                              "not in the weight_map; the index does not match its shards")
 
 
 def _check_same_tensors(first: dict, other: dict, first_path: str, other_path: str) -> None:

@@ -620,6 +620,53 @@ def test_merge_staged_equals_in_place(run, paths, stores, bdict, kind, chunk):
                 assert_bitwise_equal(target[k], expected[k], f"{kind} base={base} {k}")
 
 
+def _overlapping_outputs(target, base):
+    """blocks.0.weight and blocks.0.bias share a buffer: separate chunks at chunk_nbytes=1."""
+    buf = torch.zeros(120)
+    target.update({"blocks.0.weight": buf[:45].view(5, 9), "blocks.0.bias": buf[20:]})
+    return buf, base
+
+
+def _output_over_base(target, base):
+    """target's blocks.0.bias overlaps base's blocks.0.weight, a different tensor's input."""
+    buf = torch.zeros(120)
+    target["blocks.0.bias"] = buf[:100]
+    return buf, {**base, "blocks.0.weight": buf[50:95].view(5, 9)}
+
+
+def _overlapping_in_a_later_chunk(target, base):
+    """head.weight and scale share a buffer, both in the second chunk at chunk_nbytes=2500
+    (the first holds blocks.0.*)."""
+    buf = torch.zeros(13)
+    target.update({"head.weight": buf, "scale": buf[12]})
+    return buf, base
+
+
+@pytest.mark.parametrize("change, chunk, match", [
+    pytest.param(_overlapping_outputs, 1, r"target\['blocks.0.(bias|weight)'\] and "
+                 r"target\['blocks.0.(bias|weight)'\] share memory", id="outputs-across-chunks"),
+    pytest.param(_output_over_base, 1, r"target\['blocks.0.bias'\] overlaps "
+                 r"base\['blocks.0.weight'\]", id="output-over-base-across-chunks"),
+    pytest.param(_overlapping_in_a_later_chunk, 2500, r"target\['(head.weight|scale)'\] and "
+                 r"target\['(head.weight|scale)'\] share memory", id="outputs-in-a-later-chunk"),
+])
+def test_merge_staged_checks_the_whole_target_first(run, paths, bdict, change, chunk, match):
+    """merge_staged refuses targets that overlap in memory, however they fall into chunks, with
+    the in-place path's error, before any chunk is written: the target's bits stay as they were."""
+    target = target_like(run[-1])
+    buf, base = change(target, bdict)
+    before = snapshot([buf, *target.values()])
+    with Trajectory.open(paths) as traj:
+        with pytest.raises(ValueError, match=match):
+            merge_into(target, traj, COEFFS, base=base)
+        columns, base_column, extra = traj._column_coefficients(list(COEFFS), base, target)
+        targets = [target[k] for k in traj._float_names]
+        with pytest.raises(ValueError, match=match):
+            merge_staged(traj, targets, torch.device("cpu"), columns, base_column, extra,
+                         chunk_nbytes=chunk)
+    assert_unchanged([buf, *target.values()], before)
+
+
 def test_chunks_cover_every_segment_once():
     """_chunks splits segments into consecutive non-empty runs covering all of them."""
     @settings(max_examples=60, deadline=None, derandomize=True, database=None)
@@ -1274,6 +1321,55 @@ def test_sharded_checkpoint_errors(tmp_path):
     broken.write_text("{not json")
     with pytest.raises(CheckpointError, match="JSON"):
         Trajectory.open([good, broken])
+
+
+def _add_to_map(**entries):
+    return lambda index, folder, ck: index["weight_map"].update(entries)
+
+
+def _set_map(weight_map):
+    return lambda index, folder, ck: index.update(weight_map=weight_map)
+
+
+def _unlisted_tensor(index, folder, ck):
+    save_file({"beta": ck["beta"], "gamma": ck["gamma"], "stray": torch.zeros(2)},
+              os.path.join(folder, "b.safetensors"))
+
+
+INDEX_ERRORS = {  # id -> (change(index, folder, checkpoint), fragments of the message)
+    "lists-a-missing-tensor": (_add_to_map(ghost="b.safetensors"),
+                               ["'ghost'", "b.safetensors", "no shard holds it"]),
+    "lists-the-wrong-shard": (_add_to_map(beta="a.safetensors"),
+                              ["'beta'", "a.safetensors", "b.safetensors holds it"]),
+    "misses-a-tensor": (_unlisted_tensor, ["'stray'", "b.safetensors", "not in the weight_map"]),
+    "shard-an-int": (_add_to_map(alpha=5), ["weight_map['alpha'] is 5"]),
+    "shard-a-list": (_add_to_map(alpha=["a.safetensors"]),
+                     ['weight_map[\'alpha\'] is ["a.safetensors"]']),
+    "shard-null": (_add_to_map(alpha=None), ["weight_map['alpha'] is null"]),
+    "shard-empty": (_add_to_map(alpha=""), ["weight_map['alpha'] is \"\""]),
+    "map-an-int": (_set_map(5), ["needs a weight_map"]),
+    "map-a-list": (_set_map(["a.safetensors"]), ["needs a weight_map"]),
+    "map-empty": (_set_map({}), ["needs a weight_map"]),
+}
+
+
+@pytest.mark.parametrize("case", list(INDEX_ERRORS))
+def test_sharded_checkpoint_index_must_match_its_shards(tmp_path, case):
+    """A sharded checkpoint's weight_map lists exactly the tensors its shards hold, each in its
+    own shard; otherwise opening raises CheckpointError naming the index and the tensor."""
+    change, fragments = INDEX_ERRORS[case]
+    run = make_run(2, "small", SMALL)
+    shards = {"a.safetensors": ["alpha", "step"], "b.safetensors": ["beta", "gamma"]}
+    good = write_sharded(tmp_path / "good", run[0], shards)
+    bad = write_sharded(tmp_path / "bad", run[1], shards)
+    with open(bad, encoding="utf-8") as f:
+        index = json.load(f)
+    change(index, tmp_path / "bad", run[1])
+    write_json(bad, index)
+    with pytest.raises(CheckpointError) as info:
+        Trajectory.open([good, bad])
+    for fragment in [bad, *fragments]:
+        assert fragment in str(info.value), (fragment, str(info.value))
 
 
 # ================================================================ bad input: merge arguments
