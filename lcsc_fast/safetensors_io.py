@@ -107,10 +107,16 @@ def parse_header(raw: bytes, file_nbytes: int, path: str = "<header>") -> Header
         raise CheckpointError(f"{path}: the header is not valid JSON ({e})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: the header is not a JSON object")
-    metadata = obj.pop("__metadata__", None) or {}  # absent or null: none
-    if not isinstance(metadata, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise CheckpointError(f"{path}: __metadata__ must map strings to strings")
+    metadata = obj.pop("__metadata__", None)
+    if metadata is None:  # absent or null: none
+        metadata = {}
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: __metadata__ is {json.dumps(metadata)[:80]}; it must be "
+                              "an object mapping strings to strings (or absent)")
+    for key, value in metadata.items():
+        if not isinstance(value, str):
+            raise CheckpointError(f"{path}: __metadata__[{key!r}] is {json.dumps(value)[:80]}; "
+                                  "__metadata__ must map strings to strings")
 
     data_start = 8 + len(raw)
     entries = {}

@@ -161,7 +161,13 @@ BAD_HEADERS = {  # id -> (header JSON text or object, data section bytes, messag
     "duplicate-field": ('{"a": {"dtype": "F32", "dtype": "F16", "shape": [2], '
                         '"data_offsets": [0, 8]}}', 8, ["'dtype'", "twice"]),
     "metadata-list": ({"__metadata__": ["x"]}, 0, ["__metadata__"]),
-    "metadata-int-value": ({"__metadata__": {"step": 100}}, 0, ["__metadata__"]),
+    "metadata-int-value": ({"__metadata__": {"step": 100}}, 0, ["__metadata__['step'] is 100"]),
+    # Falsy values are not "no metadata" either: only an absent or null __metadata__ is.
+    "metadata-empty-list": ({"__metadata__": []}, 0, ["__metadata__ is []"]),
+    "metadata-empty-string": ({"__metadata__": ""}, 0, ['__metadata__ is ""']),
+    "metadata-zero": ({"__metadata__": 0}, 0, ["__metadata__ is 0"]),
+    "metadata-false": ({"__metadata__": False}, 0, ["__metadata__ is false"]),
+    "metadata-null-value": ({"__metadata__": {"step": None}}, 0, ["__metadata__['step'] is null"]),
     "entry-list": ({"a": [0, 8]}, 8, ["'a'"]),
     "entry-string": ({"a": "F32"}, 8, ["'a'"]),
     "dtype-missing": ({"a": {"shape": [2], "data_offsets": [0, 8]}}, 8, ["'a'", "dtype"]),
