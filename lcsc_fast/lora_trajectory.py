@@ -42,7 +42,7 @@ import math
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -215,6 +215,37 @@ class _Module:
     b_shape: tuple
     dtype: torch.dtype  # every factor's
     scales: list  # [N] s of each checkpoint
+
+
+@dataclass
+class _CandidateTables(engine._Plan):
+    """The engine plan of a LoRA merge's dense sums, every output's in one: entry j writes
+    labels[j], a tensor of output owners[j], from the sources `inputs` names. Its overlap
+    errors name the output each tensor belongs to."""
+
+    inputs: list = field(default_factory=list)  # [N] "W0" or "base"
+    labels: list = field(default_factory=list)  # [T] "target['x']" or "outs[k]['x']"
+    owners: list = field(default_factory=list)  # [T] the output k each entry belongs to
+
+    def add_output(self, k: int, label: str, name: str, out: torch.Tensor, w0: dict,
+                   base: dict | None) -> None:
+        """Output k's tensor `name`, out (labelled label[name]), merged from W0 and base."""
+        self.labels.append(f"{label}[{name!r}]")
+        self.owners.append(k)
+        self.add(name, [out], [w0[name] if d == "W0" else base[name] for d in self.inputs], None)
+
+    def _output_name(self, k: int, t: int) -> str:
+        return self.labels[t]
+
+    def _input_name(self, t: int, i: int) -> str:
+        return f"{self.inputs[i]}[{self.names[t]!r}]"
+
+    def _describe_overlap(self, out_k, out_t, other_k, in_t, in_i) -> str:
+        if other_k < 0 and self.owners[in_t] != self.owners[out_t]:
+            return (f"{self.labels[out_t]} overlaps {self._input_name(in_t, in_i)} in memory, "
+                    f"which outs[{self.owners[in_t]}] is merged from; the outputs are written "
+                    "one after another, so no output may share memory with the base")
+        return super()._describe_overlap(out_k, out_t, other_k, in_t, in_i)
 
 
 def _adapter_sources(source):
@@ -502,27 +533,39 @@ class LoraTrajectory(Sequence):
         factors = self._factors(device)
         ints = {name: self._tensor(name, device) for name in self.shapes
                 if name not in w0 and ints_required}
-        for k, ((floats, int_targets, _), (dense, lora)) in enumerate(zip(checked, plans)):
+        # Every tensor but the adapted ones (all of them unless fused) is sum_j a_j D_j, D_j
+        # being W0 or a caller's base. One engine plan holds these sums for every output, output
+        # k's as entries spans[k], run one output at a time (each has its own a_j). The fused
+        # adapted weights, which their LoraPlans write alone, follow for the plan's overlap
+        # check only: it then covers every output of every candidate before any is written.
+        dense_kinds = ["base", "W0"] if base_state is not None else ["W0"]  # as _coefficients
+        tables = _CandidateTables(device, len(dense_kinds), 1, inputs=dense_kinds)
+        label = "target" if ints_required else "outs[{k}]"
+        spans, fused_k, check_only = [], [], []
+        for k, ((floats, _, _), (dense, _)) in enumerate(zip(checked, plans)):
             fused = len(dense) == 1 and dense[0][0] == "W0" and np.float32(dense[0][1]) == 1.0
-            # Every tensor but the adapted ones (all of them unless fused) is sum_j a_j D_j,
-            # D_j being W0 or a caller's base, in one engine pass.
-            plan = None
+            fused_k.append(fused)
+            lo = len(tables.names)
             for name, t in floats.items():
                 if fused and name in self._modules:
-                    continue
-                if plan is None:
-                    plan = engine._Plan(device, len(dense), 1)
-                plan.add(name, [t], [w0[name] if d == "W0" else base_state[name]
-                                     for d, _ in dense], None)
-            if plan is not None:
-                plan.finish()
-                plan.run([[a for _, a in dense]], guard_faults=True)
-            for name, t in floats.items():
-                module = self._modules.get(name)
-                if module is None:
-                    continue
-                plan = self._lora_plan(k, name, t, factors[name], w0[name] if fused else t,
-                                       keep_plans)
+                    check_only.append((k, name, t))
+                else:
+                    tables.add_output(k, label.format(k=k), name, t, w0, base_state)
+            spans.append((lo, len(tables.names)))
+        for k, name, t in check_only:  # a fused LoraPlan reads W0, the only dense source
+            tables.add_output(k, label.format(k=k), name, t, w0, base_state)
+        if tables.names:
+            tables.finish()  # raises for any overlap
+        lora_plans = [[(self._lora_plan(k, name, t, factors[name], w0[name] if fused else t,
+                                        keep_plans), name)
+                       for name, t in floats.items() if name in self._modules]
+                      for k, ((floats, _, _), fused) in enumerate(zip(checked, fused_k))]
+
+        for k, ((_, int_targets, _), (dense, lora)) in enumerate(zip(checked, plans)):
+            lo, hi = spans[k]
+            if hi > lo:
+                tables.run([[a for _, a in dense]], lo, hi, guard_faults=True)
+            for plan, name in lora_plans[k]:
                 plan(lora[name])
             with torch.no_grad():
                 for name, t in int_targets.items():
@@ -622,7 +665,9 @@ class LoraTrajectory(Sequence):
         ints = {}
         if ints_required:
             for name in self.shapes:
-                if name in floats or name not in tensors:
+                # The base's integer tensors are copied: a floating-point target for one is
+                # refused here, not left unwritten.
+                if name in self._float_names or name not in tensors:
                     continue
                 t = tensors[name]
                 if t.dtype != self.dtypes[name] or tuple(t.shape) != self.shapes[name]:

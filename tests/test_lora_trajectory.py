@@ -735,7 +735,7 @@ def test_other_bad_sources(tmp_path, run):
 @pytest.mark.parametrize("case", [
     "coefficient count", "non-finite coefficient", "scale * coefficient overflows",
     "target lacks a tensor", "PEFT-wrapped target", "target shape", "target counter dtype",
-    "base index", "base dict"])
+    "float target counter", "base index", "base dict"])
 def test_bad_merges_leave_the_target_untouched(run, case):
     folders, net, _ = run
     traj = Trajectory.open(folders, base=net)
@@ -752,6 +752,9 @@ def test_bad_merges_leave_the_target_untouched(run, case):
         "target shape": (ValueError, r"the target\['a.weight'\]: shape \(8, 5\) differs"),
         "target counter dtype": (ValueError, r"the target\['bn.num_batches_tracked'\]: "
                                              "torch.int32"),
+        "float target counter": (ValueError, r"the target\['bn.num_batches_tracked'\]: "
+                                             r"torch.float32 \(\) does not match the base's "
+                                             "torch.int64"),
         "base index": (ValueError, "base: index 4 is out of range for 4 checkpoints"),
         "base dict": (ValueError, "base's tensors do not match .*: missing 'a.bias'"),
     }
@@ -769,6 +772,8 @@ def test_bad_merges_leave_the_target_untouched(run, case):
         target.a.weight = nn.Parameter(torch.zeros(8, 5))
     elif case == "target counter dtype":
         target.bn.num_batches_tracked = torch.zeros((), dtype=torch.int32)
+    elif case == "float target counter":  # once skipped, left as it was
+        target.bn.num_batches_tracked = torch.full((), -1.0)
     elif case == "base index":
         base = 4
     elif case == "base dict":
@@ -778,6 +783,48 @@ def test_bad_merges_leave_the_target_untouched(run, case):
     with pytest.raises(error, match=pattern):
         merge_into(target, traj, w, base=base)
     assert_unchanged(target, before)
+
+
+def float_state(tag: str) -> dict:
+    return {k: v for k, v in make_net(tag).state_dict().items() if v.is_floating_point()}
+
+
+@pytest.mark.parametrize("coeffs", list(COEFFS))
+@pytest.mark.parametrize("case", ["adapted and plain target tensors overlap",
+                                  "one dict twice", "overlap within outs[1]",
+                                  "outs[0] is the base"])
+def test_overlapping_outputs_are_refused_before_anything_is_written(run, case, coeffs):
+    """Every output of every candidate, adapted weights included, is checked against the others
+    and the caller's base before the first is written (outputs are written one at a time)."""
+    folders, net, _ = run
+    traj = Trajectory.open(folders, base=net)
+    w = COEFFS[coeffs]  # sum 1: adapted weights are written by their LoraPlans alone
+    buf = torch.randn(40)
+    if case == "adapted and plain target tensors overlap":
+        target = make_net("overlap").state_dict()
+        target["a.weight"], target["a.bias"] = buf[:32].view(8, 4), buf[28:36]
+        outs, pattern = [target], r"target\['a.bias'\] and target\['a.weight'\] share memory"
+    elif case == "one dict twice":
+        o = float_state("twice")
+        outs, pattern = [o, o], r"outs\[(0|1)\]\['(.*)'\] and outs\[(?!\1)[01]\]\['\2'\] share"
+    elif case == "overlap within outs[1]":
+        outs = [float_state("first"), float_state("second")]
+        outs[1]["a.weight"], outs[1]["a.bias"] = buf[:32].view(8, 4), buf[28:36]
+        pattern = r"outs\[1\]\['a.bias'\] and outs\[1\]\['a.weight'\] share memory"
+    else:  # outs[1] would be merged from outs[0] as written, not from the base
+        outs = [float_state("base"), float_state("second")]
+        base = {**net.state_dict(), **outs[0]}
+        pattern = (r"outs\[0\]\['.*'\] overlaps base\['.*'\] in memory, which outs\[1\] is "
+                   "merged from")
+    before = [snapshot(o) for o in outs]
+    with pytest.raises(ValueError, match=pattern):
+        if case == "adapted and plain target tensors overlap":
+            merge_into(outs[0], traj, w)
+        else:
+            traj.merge_batched([w, COEFFS["sum 1"]], outs,
+                               base=base if case == "outs[0] is the base" else None)
+    for o, snap in zip(outs, before):
+        assert_unchanged(o, snap)
 
 
 def test_nothing_saved_is_modified(run, tmp_path):
