@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 import os
 import pickle
 import sys
@@ -69,27 +70,31 @@ def search(trajectory, objective, target, budget: int = 2000, algorithm: str = "
     trajectory: a lcsc_fast.Trajectory or a list of N >= 2 state dicts; target: the model (or
     dict of tensors) each candidate is merged into before objective(target) -> float scores it,
     lower being better. budget counts the search's objective evaluations (the baselines, scored
-    first, come on top). steps: the checkpoints' training steps, for the EMA baselines (default:
-    trajectory.steps, else 0..N-1). Options: see the module docstring and _OPTIONS.
+    first, come on top). seed: an int >= 0 (below 2^32 for "cmaes"). steps: the checkpoints'
+    training steps, ints, for the EMA baselines (default: trajectory.steps, else 0..N-1).
+    Options: see the module docstring and _OPTIONS.
     """
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or budget < 1:
         raise ValueError(f"budget: {budget!r} is not a positive number of evaluations")
+    budget = int(budget)
     if algorithm not in _OPTIONS:
         raise ValueError(f"algorithm: {algorithm!r} is not one of {', '.join(_OPTIONS)}")
+    seed = _check_seed(seed, algorithm)
     known = {**_OPTIONS[algorithm], **_COMMON_OPTIONS}
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise TypeError(f"unknown option(s) {', '.join(unknown)} for algorithm {algorithm!r}; "
                         f"known: {', '.join(known)}")
     batch_nbytes = options.pop("batch_nbytes", None)
-    opts = {**_OPTIONS[algorithm], **options}
-    _check_options(algorithm, opts)
+    opts = _check_options(algorithm, {**_OPTIONS[algorithm], **options})
     n = len(trajectory)
     if n < 2:
         raise ValueError(f"trajectory: {n} checkpoint(s); a search needs at least 2")
     if steps is None:
         steps = list(getattr(trajectory, "steps", range(n)))
-    steps = [int(s) for s in steps]
+    # Integers, non-negative and increasing, or an error naming steps[i]: a float step would
+    # otherwise be truncated silently into the EMA baselines.
+    steps = coeffs_mod._check_steps(steps)
     if len(steps) != n:
         raise ValueError(f"steps: {len(steps)} steps for {n} checkpoints")
 
@@ -145,25 +150,59 @@ def search(trajectory, objective, target, budget: int = 2000, algorithm: str = "
                         evaluations=len(history))
 
 
-def _check_options(algorithm: str, opts: dict) -> None:
-    """Option values, checked before anything is evaluated (an objective can be expensive)."""
-    def require(ok: bool, what: str) -> None:
-        if not ok:
-            raise ValueError(f"{what} (algorithm {algorithm!r})")
+def _check_seed(seed, algorithm: str) -> int:
+    """The seed as an int, checked before anything is evaluated: numpy's generators take
+    integers >= 0, and the cmaes package's (a RandomState) only those below 2^32."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed: expected an int, got {type(seed).__name__} {seed!r}")
+    seed = int(seed)
+    if seed < 0 or (algorithm == "cmaes" and seed >= 2 ** 32):
+        bound = ", below 2**32 for algorithm 'cmaes'" if algorithm == "cmaes" else ""
+        raise ValueError(f"seed: {seed} is out of range; seeds are integers >= 0{bound}")
+    return seed
 
-    population = opts["population"]
+
+def _check_options(algorithm: str, opts: dict) -> dict:
+    """Option values, checked before anything is evaluated (an objective can be expensive):
+    opts with integers as int and reals as float, or an error naming the option."""
+    def fail(exc, name: str, what: str):
+        raise exc(f"{name}: {opts[name]!r} {what} (algorithm {algorithm!r})")
+
+    # bool is an int subclass, but True is no population size or noise scale.
+    def integer(name: str, ok, what: str, none_ok: bool = False) -> int | None:
+        value = opts[name]
+        if value is None and none_ok:
+            return None
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            fail(TypeError, name, f"is not an integer; it {what}")
+        if not ok(value):
+            fail(ValueError, name, what)
+        return int(value)
+
+    def real(name: str, ok, what: str, none_ok: bool = False) -> float | None:
+        value = opts[name]
+        if value is None and none_ok:
+            return None
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            fail(TypeError, name, f"is not a real number; it {what}")
+        if not (math.isfinite(value) and ok(value)):
+            fail(ValueError, name, what)
+        return float(value)
+
+    out = dict(opts)
     if algorithm == "lcsc":
-        require(isinstance(population, int) and population >= 1,
-                f"population: {population!r} must be a positive integer")
-        require(isinstance(opts["parents"], int) and 1 <= opts["parents"] <= population,
-                f"parents: {opts['parents']!r} must be between 1 and population ({population})")
-        require(opts["sigma"] > 0, f"sigma: {opts['sigma']!r} must be positive")
-        require(0 <= opts["mix_prob"] <= 1, f"mix_prob: {opts['mix_prob']!r} must be in [0, 1]")
+        population = out["population"] = integer("population", lambda v: v >= 1,
+                                                 "must be a positive integer")
+        out["parents"] = integer("parents", lambda v: 1 <= v <= population,
+                                 f"must be between 1 and population ({population})")
+        out["sigma"] = real("sigma", lambda v: v > 0, "must be positive and finite")
+        out["mix_prob"] = real("mix_prob", lambda v: 0 <= v <= 1, "must be in [0, 1]")
     else:
-        require(population is None or (isinstance(population, int) and population >= 2),
-                f"population: {population!r} must be None or an integer >= 2")
-        require(opts["sigma0"] is None or opts["sigma0"] > 0,
-                f"sigma0: {opts['sigma0']!r} must be None or positive")
+        out["population"] = integer("population", lambda v: v >= 2,
+                                    "must be None or an integer >= 2", none_ok=True)
+        out["sigma0"] = real("sigma0", lambda v: v > 0, "must be None or positive and finite",
+                             none_ok=True)
+    return out
 
 
 class _Evaluator:
@@ -171,14 +210,19 @@ class _Evaluator:
 
     def __init__(self, trajectory, objective, target, batch_nbytes):
         self.objective, self.target = objective, target
+        tensors = _target_tensors(target)
+        self.floats = {k: v for k, v in tensors.items() if v.is_floating_point()}
+        if not self.floats:
+            raise ValueError(f"target: no floating-point tensors to merge (it holds "
+                             f"{len(tensors)} tensor(s), none floating point); the search "
+                             "merges the checkpoints' floating-point weights into the target, "
+                             "so pass the model they belong to")
         if hasattr(trajectory, "_lcsc_merge_into"):
             self.merge = lambda w: merge_into(target, trajectory, w)
             self.merge_batched = trajectory.merge_batched
         else:
             self.merge = MergePlan(target, trajectory)
             self.merge_batched = self.merge.merge_batched
-        tensors = _target_tensors(target)
-        self.floats = {k: v for k, v in tensors.items() if v.is_floating_point()}
         storages = {(v.data_ptr(), v.numel()) for v in self.floats.values() if v.numel()}
         self.tied = len(storages) < sum(1 for v in self.floats.values() if v.numel())
         self.batch_nbytes = batch_nbytes

@@ -717,6 +717,23 @@ BAD_INPUTS = [
     ("no parents", ValueError, r"parents", _search_with(parents=0)),
     ("more parents than population", ValueError, r"parents",
      _search_with(population=4, parents=5)),
+    # Steps are training steps: a float is not silently truncated, a bool or string not taken.
+    ("steps not integers", TypeError, r"^steps\[0\]: .*int",
+     _search_with(steps=lambda b: [s - 0.1 for s in b.steps])),
+    ("steps bools", TypeError, r"^steps\[0\]: .*bool",
+     _search_with(steps=lambda b: [False, True, *b.steps[2:]])),
+    ("steps strings", TypeError, r"^steps\[0\]: .*str",
+     _search_with(steps=lambda b: [str(s) for s in b.steps])),
+    ("negative seed", ValueError, r"^seed: -1 ", _search_with(seed=-1)),
+    ("fractional seed", TypeError, r"^seed: .*float", _search_with(seed=1.5)),
+    ("string seed", TypeError, r"^seed: .*str", _search_with(seed="abc")),
+    ("bool seed", TypeError, r"^seed: .*bool", _search_with(seed=True)),
+    ("cmaes seed of 2^32", ValueError, r"^seed: .*2\*\*32",
+     _search_with(algorithm="cmaes", seed=2 ** 32)),
+    ("target without floating-point tensors", ValueError,
+     r"^target: no floating-point tensors to merge",
+     _search_with(trajectory=[{"n": torch.tensor(i)} for i in range(3)], steps=[0, 1, 2],
+                  target={"n": torch.tensor(0)})),
 ]
 
 
@@ -746,6 +763,45 @@ def test_bad_option_values_are_refused_before_any_evaluation(bowl, algorithm, op
         lcsc_fast.search(bowl.checkpoints, objective, bowl.target(), budget=10,
                          algorithm=algorithm, progress=False, **{option: value})
     assert calls == []
+
+
+@pytest.mark.parametrize("algorithm,option,value,exc", [
+    ("lcsc", "population", True, TypeError), ("lcsc", "population", 16.0, TypeError),
+    ("lcsc", "parents", True, TypeError), ("lcsc", "sigma", True, TypeError),
+    ("lcsc", "sigma", "0.1", TypeError), ("lcsc", "mix_prob", True, TypeError),
+    ("lcsc", "sigma", math.inf, ValueError), ("lcsc", "sigma", math.nan, ValueError),
+    ("lcsc", "mix_prob", math.nan, ValueError), ("cmaes", "population", True, TypeError),
+    ("cmaes", "sigma0", True, TypeError), ("cmaes", "sigma0", math.inf, ValueError),
+    ("cmaes", "sigma0", math.nan, ValueError)])
+def test_bool_and_non_finite_option_values_are_refused_before_any_evaluation(
+        bowl, algorithm, option, value, exc):
+    """True is an int and inf compares above 0, yet neither is a population or a noise scale:
+    both are named before the objective is called (sigma=inf used to fail generations later,
+    naming x[0])."""
+    calls = []
+
+    def objective(target):
+        calls.append(1)
+        return bowl.objective(target)
+
+    with pytest.raises(exc, match=rf"^{option}: "):
+        lcsc_fast.search(bowl.checkpoints, objective, bowl.target(), budget=40,
+                         algorithm=algorithm, progress=False, **{option: value})
+    assert calls == []
+
+
+@pytest.mark.parametrize("algorithm", param("algorithm", ALGORITHMS))
+def test_numpy_integers_and_floats_are_taken_as_python_numbers(bowl, algorithm):
+    """Integral numpy scalars and arrays (budget, seed, steps, options) give the same search
+    as the equal Python numbers."""
+    options = ({"population": 8, "parents": 3, "sigma": 0.25} if algorithm == "lcsc"
+               else {"population": 6, "sigma0": 0.25})
+    as_numpy = {k: np.int32(v) if isinstance(v, int) else np.float32(v)
+                for k, v in options.items()}
+    plain, _ = run(bowl, budget=20, algorithm=algorithm, seed=3, **options)
+    numpy, _ = run(bowl, budget=np.int64(20), algorithm=algorithm, seed=np.uint32(3),
+                   steps=np.array(bowl.steps), **as_numpy)
+    assert as_json(numpy) == as_json(plain)
 
 
 @pytest.mark.parametrize("algorithm", ["lcsc", "cmaes"])
