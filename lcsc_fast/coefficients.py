@@ -135,7 +135,10 @@ def ema(steps: Sequence[int], rate: float) -> list[float]:
     if rate == 0.0:
         # log(0) = -inf would give 0 * -inf = nan in the exponent of the last term.
         return last(n)
-    log_rate = math.log1p(rate - 1.0)  # rate - 1 is exact for rate in [0.5, 1)
+    # log rate to within an ulp over all of (0, 1): near 1, rate - 1 is exact (Sterbenz, rate in
+    # [0.5, 1)) and log1p keeps every digit of it; below 1/2, rate - 1 would round rate away
+    # (1e-17 - 1 == -1.0), so the plain log of rate itself.
+    log_rate = math.log1p(rate - 1.0) if rate >= 0.5 else math.log(rate)
     end = steps[-1]
     w = [math.exp((end - steps[0]) * log_rate)]
     for prev, s in zip(steps, steps[1:]):

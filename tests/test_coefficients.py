@@ -1,7 +1,8 @@
 """Baseline coefficient vectors (lcsc_fast.coefficients) against independent computations.
 
 * ema: a brute-force simulation that applies the EMA update at every training step to one-hot
-  "checkpoints", and the checkpoint-level recursion run directly in float64 for long runs.
+  "checkpoints", the checkpoint-level recursion run directly in float64 for long runs, and the
+  closed form in exact rational arithmetic for rates from the smallest subnormal to 1 - 2^-40.
 * power_ema: a fine midpoint Riemann sum of EDM2's defining integral (numpy only; scipy is not a
   dependency), and invariance under scaling all steps, which the naive formula would overflow.
 * sigma_rel <-> gamma, the difference parametrisation, and the errors for bad inputs.
@@ -10,6 +11,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ import pytest
 from lcsc_fast import coefficients as C
 
 STEPS = [[0, 3, 7, 10], [5, 6, 9, 20], [2, 100, 101, 250, 400]]
+EPS64 = float(np.finfo(np.float64).eps)
 
 
 def assert_sums_to_one(w):
@@ -115,6 +118,32 @@ def test_ema_huge_gaps_stay_finite(rate):
     if rate <= 0.99999:  # decays over 1e12 steps wipe out everything but the last two
         assert w[:3] == [0.0, 0.0, 0.0]
         np.testing.assert_allclose(w[3:], [rate ** 7, 1.0 - rate ** 7], rtol=1e-12)
+
+
+def exact_ema(steps, rate) -> list[Fraction]:
+    """ema's closed form in exact rational arithmetic on the float rate: w_0 = rate^(S - s_0),
+    w_i = (1 - rate^g_i) rate^(S - s_i); these sum to 1 exactly (the sum telescopes)."""
+    r = Fraction(rate)
+    end = steps[-1]
+    w = [r ** (end - steps[0])]
+    w += [(1 - r ** (s - prev)) * r ** (end - s) for prev, s in zip(steps, steps[1:])]
+    assert sum(w) == 1
+    return w
+
+
+@pytest.mark.parametrize("rate", [5e-324, 1e-300, 1e-17, 1e-10, 0.3, 0.5, 0.999, 0.999999,
+                                  1.0 - 2.0 ** -40])
+def test_ema_is_accurate_over_the_whole_range_of_rates(rate):
+    """Every coefficient within a few ulps of the exact value. A coefficient is exp(a) for an
+    exponent a = log(w) rounded once, which alone costs |a| ulps of w; so the bound is
+    8 eps (1 + |log w|) relative, plus the smallest subnormal for coefficients that underflow."""
+    steps = [0, 1, 3, 6]
+    w = C.ema(steps, rate)
+    assert_sums_to_one(w)
+    for i, (got, want) in enumerate(zip(w, exact_ema(steps, rate))):
+        log_w = -1075 * math.log(2) if float(want) == 0.0 else math.log(float(want))
+        bound = Fraction(8 * EPS64 * (1 + abs(log_w))) * want + Fraction(2.0 ** -1074)
+        assert abs(Fraction(got) - want) <= bound, (i, got, float(want))
 
 
 # ---------------------------------------------------------------- power_ema
