@@ -37,26 +37,55 @@ def _cleanfid():
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) between two Gaussians (clean-fid's)."""
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) between two Gaussians (clean-fid's):
+    means mu [d], covariances sigma [d, d], the same d for both."""
     fid = _cleanfid()
+    mu1, sigma1 = _check_statistics(mu1, sigma1, "mu1", "sigma1")
+    mu2, sigma2 = _check_statistics(mu2, sigma2, "mu2", "sigma2")
+    # Checked here, not by clean-fid's asserts, which vanish under python -O.
+    if mu1.shape != mu2.shape:
+        raise ValueError(f"mu1, sigma1 and mu2, sigma2: statistics of {mu1.shape[0]} and "
+                         f"{mu2.shape[0]} features; both must come from the same feature "
+                         "extractor")
+    if mu1.shape[0] == 1:
+        # One feature: the closed form (mu1 - mu2)^2 + (s1^(1/2) - s2^(1/2))^2. clean-fid cannot
+        # take this case: scipy's sqrtm returns a 1x1 matrix without the error estimate that
+        # clean-fid unpacks.
+        for name, s in (("sigma1", sigma1), ("sigma2", sigma2)):
+            if s[0, 0] < 0:
+                raise ValueError(f"{name}: variance {s[0, 0]!r} is negative; not a covariance")
+        return float((mu1[0] - mu2[0]) ** 2 + sigma1[0, 0] + sigma2[0, 0]
+                     - 2.0 * np.sqrt(sigma1[0, 0] * sigma2[0, 0]))
     with warnings.catch_warnings():
         # clean-fid passes scipy.linalg.sqrtm an argument newer scipy deprecates.
         warnings.simplefilter("ignore", DeprecationWarning)
-        return float(fid.frechet_distance(np.asarray(mu1, np.float64),
-                                          np.asarray(sigma1, np.float64),
-                                          np.asarray(mu2, np.float64),
-                                          np.asarray(sigma2, np.float64)))
+        return float(fid.frechet_distance(mu1, sigma1, mu2, sigma2))
+
+
+def _check_statistics(mu, sigma, mu_name: str, sigma_name: str):
+    """mu [d] and sigma [d, d] as float64 arrays, or a ValueError naming the one that is not."""
+    mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+    if mu.ndim != 1:
+        raise ValueError(f"{mu_name}: expected a mean vector [d], got shape {mu.shape}")
+    d = mu.shape[0]
+    if sigma.shape != (d, d):
+        raise ValueError(f"{sigma_name}: expected a covariance [{d}, {d}] to match {mu_name} "
+                         f"[{d}], got shape {sigma.shape}")
+    return mu, sigma
 
 
 def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
     """Mean [d] and covariance [d, d] of features [n, d], in float64."""
     f = features.detach().cpu().double().numpy() if isinstance(features, torch.Tensor) else (
         np.asarray(features, dtype=np.float64))
-    if f.ndim != 2 or f.shape[0] < 2:
-        raise ValueError(f"features: expected an [n, d] array with n >= 2, got shape {f.shape}")
+    if f.ndim != 2 or f.shape[0] < 2 or f.shape[1] < 1:
+        raise ValueError(f"features: expected an [n, d] array with n >= 2 and d >= 1, got shape "
+                         f"{f.shape}")
     if not np.isfinite(f).all():
         raise ValueError("features: not all finite; the feature extractor produced NaN or inf")
-    return f.mean(axis=0), np.cov(f, rowvar=False)
+    d = f.shape[1]
+    # np.cov returns a 0-d array for one feature: kept [d, d] for every d.
+    return f.mean(axis=0), np.cov(f, rowvar=False).reshape(d, d)
 
 
 def _features(extractor: Callable, batches) -> np.ndarray:
@@ -109,7 +138,8 @@ class FIDObjective:
         if num_samples < 2:
             raise ValueError(f"num_samples: {num_samples}; a covariance needs at least 2")
         self.sampler, self.extractor = sampler, extractor
-        self.mu, self.sigma = (np.asarray(r, np.float64) for r in reference)
+        mu, sigma = reference
+        self.mu, self.sigma = _check_statistics(mu, sigma, "reference mu", "reference sigma")
         self.noise_shape, self.batch_size, self.device = tuple(noise_shape), batch_size, device
         self.noise = self._noise(num_samples, seed)
 
@@ -121,6 +151,11 @@ class FIDObjective:
         batches = (self.sampler(model, noise[i:i + self.batch_size])
                    for i in range(0, len(noise), self.batch_size))
         mu, sigma = feature_statistics(_features(self.extractor, batches))
+        if mu.shape != self.mu.shape:
+            raise ValueError(f"the feature extractor gives {mu.shape[0]} features per image but "
+                             f"the reference statistics (mu {self.mu.shape}, sigma "
+                             f"{self.sigma.shape}) have {self.mu.shape[0]}; compute the "
+                             "reference with the same extractor")
         return frechet_distance(mu, sigma, self.mu, self.sigma)
 
     def __call__(self, model) -> float:

@@ -36,6 +36,36 @@ def test_feature_statistics_and_bad_features():
         metrics.feature_statistics(bad)
 
 
+def test_one_feature_gives_a_1x1_covariance_and_a_distance():
+    """d = 1: the covariance stays [1, 1], and the distance is the closed form."""
+    g = torch.Generator().manual_seed(4)
+    f1, f2 = torch.randn(30, 1, generator=g), 2.0 * torch.randn(40, 1, generator=g) + 1.0
+    mu1, s1 = metrics.feature_statistics(f1)
+    mu2, s2 = metrics.feature_statistics(f2)
+    assert mu1.shape == (1,) and s1.shape == (1, 1)
+    np.testing.assert_allclose(s1[0, 0], f1.double().var().item(), rtol=1e-12)
+    want = (mu1[0] - mu2[0]) ** 2 + (np.sqrt(s1[0, 0]) - np.sqrt(s2[0, 0])) ** 2
+    assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(want, rel=1e-12)
+    assert metrics.frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0, abs=1e-12)
+
+
+@pytest.mark.parametrize("args,match", [
+    pytest.param((np.zeros(3), np.eye(3), np.zeros(4), np.eye(4)), r"mu1, sigma1 and mu2, "
+                 r"sigma2: statistics of 3 and 4 features", id="d=3 vs d=4"),
+    pytest.param((np.zeros(3), np.eye(4), np.zeros(3), np.eye(3)), r"sigma1: .*\[3, 3\].*mu1",
+                 id="sigma1 vs mu1"),
+    pytest.param((np.zeros(3), np.eye(3), np.zeros(3), np.eye(3)[:2]), r"sigma2: .*\[3, 3\]",
+                 id="sigma2 not square"),
+    pytest.param((np.zeros((1, 3)), np.eye(3), np.zeros(3), np.eye(3)), r"mu1: .*\[d\]",
+                 id="mu1 not a vector"),
+])
+def test_mismatched_statistics_are_named(args, match):
+    """Shape errors name the arguments in a ValueError (clean-fid's own asserts vanish under -O
+    and name neither)."""
+    with pytest.raises(ValueError, match=match):
+        metrics.frechet_distance(*args)
+
+
 def flatten(images):
     return images.reshape(len(images), -1)
 
@@ -87,6 +117,20 @@ def test_fid_objective_uses_fixed_noise_and_evaluate_uses_other_noise():
     assert final != objective(true) and final < 0.05
     with pytest.raises(ValueError, match="num_samples"):
         metrics.FIDObjective(sampler, flatten, reference_for(scale, shift), 1, (4,))
+
+
+def test_fid_objective_refuses_features_the_reference_does_not_have():
+    """An extractor of 3 features against 4-d reference statistics: a ValueError naming both
+    sizes; a reference whose sigma does not match its mu is refused when the objective is made."""
+    scale, shift = torch.ones(4), torch.zeros(4)
+    reference = reference_for(scale, shift, n=200)
+    objective = metrics.FIDObjective(sampler, lambda x: x[:, :3], reference, num_samples=20,
+                                     noise_shape=(4,))
+    with pytest.raises(ValueError, match=r"gives 3 features .* reference statistics .* have 4"):
+        objective({"scale": scale, "shift": shift})
+    with pytest.raises(ValueError, match=r"reference sigma: .*\[4, 4\]"):
+        metrics.FIDObjective(sampler, flatten, (reference[0], np.eye(3)), num_samples=20,
+                             noise_shape=(4,))
 
 
 def test_search_with_an_fid_objective_beats_the_baselines():
