@@ -10,6 +10,8 @@ leaves every output untouched.
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ __all__ = ["weighted_sum", "weighted_sum_batched", "merge_into", "MergePlan", "b
 
 # Must match lcsc::DType in csrc/lcsc/elementwise.h.
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_ITEMSIZES = np.array([4, 2, 2], dtype=np.uint64)  # bytes per element, by dtype code
 
 
 @dataclass
@@ -172,15 +175,122 @@ def _is_like(t, ref: torch.Tensor) -> bool:
             and t.is_contiguous() and t.device == ref.device)
 
 
+def _check_copy_target(t: torch.Tensor, what: str) -> None:
+    """A target tensor that is not floating point is copied, not merged: integer (BatchNorm's
+    num_batches_tracked) or bool, contiguous, on a supported device. Complex is neither."""
+    if t.is_complex():
+        raise TypeError(f"{what}: dtype {t.dtype} is not supported; floating-point tensors "
+                        "are merged (float32, float16, bfloat16) and integer ones copied")
+    if t.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{what}: device {t.device} is not supported; use cpu or cuda")
+    if not t.is_contiguous():
+        raise ValueError(f"{what}: tensor is not contiguous; pass t.contiguous()")
+
+
 def _check_copy_source(s, t: torch.Tensor, what: str, target_what: str) -> None:
-    """An integer entry (num_batches_tracked) is copied as it is: same dtype and shape."""
+    """An integer entry (num_batches_tracked) is copied as it is: same dtype, shape, device."""
     if not isinstance(s, torch.Tensor):
         raise TypeError(f"{what}: expected a torch.Tensor, got {type(s).__name__}")
     if s.dtype != t.dtype:
         raise TypeError(f"{what}: dtype {s.dtype} differs from {target_what}'s {t.dtype}")
-    if s.shape != t.shape:
-        raise ValueError(f"{what}: shape {tuple(s.shape)} differs from {target_what}'s "
-                         f"{tuple(t.shape)}")
+    _check_like(s, t, what, target_what)
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last + 1) byte address that t may touch (empty for an empty tensor); strided
+    tensors included."""
+    lo = t.data_ptr()
+    if t.numel() == 0:
+        return lo, lo
+    extent = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    return lo, lo + extent * t.element_size()
+
+
+def _first_meeting(lo: np.ndarray, hi: np.ndarray, qlo: np.ndarray, qhi: np.ndarray):
+    """(query j, interval w) for a query [qlo[j], qhi[j]) that meets one of the disjoint
+    intervals [lo, hi) (sorted by lo), or None if none does; empty queries meet nothing."""
+    if len(lo) == 0 or len(qlo) == 0:
+        return None
+    after = np.searchsorted(lo, qlo, side="right")
+    # Disjoint intervals: a query meets one only if it meets the last starting at or before
+    # its start, or the first starting after it.
+    for cand in (after - 1, after):
+        ok = (cand >= 0) & (cand < len(lo))
+        c = np.clip(cand, 0, len(lo) - 1)
+        hit = np.flatnonzero(ok & (qlo < qhi) & (lo[c] < qhi) & (qlo < hi[c]))
+        if len(hit):
+            return int(hit[0]), int(c[hit[0]])
+    return None
+
+
+def _check_copies_overlap(plan: "_Plan | None", copies: list, last: int) -> None:
+    """Integer entries are copied with torch after the merge. Each target entry must share
+    memory with no other output and no input of the merge, and each entry copied from (the
+    last checkpoint's, read after the merge wrote its outputs) with no output, except that an
+    entry may be copied from itself (a checkpoint holding the target's own tensors).
+
+    copies: (name, target tensor, source tensor), one per distinct target storage."""
+    names = [name for name, _, _ in copies]
+    writes = [_span(t) for _, t, _ in copies]
+    order = sorted((i for i, (lo, hi) in enumerate(writes) if lo < hi), key=lambda i: writes[i])
+    # Sorted by start, an entry meets an earlier one iff it starts before the furthest-reaching
+    # earlier one ends.
+    far = None
+    for i in order:
+        if far is not None and writes[i][0] < writes[far][1]:
+            raise ValueError(f"target[{names[i]!r}] and target[{names[far]!r}] share memory; "
+                             "every output needs its own storage")
+        if far is None or writes[i][1] > writes[far][1]:
+            far = i
+    w_lo = np.array([writes[i][0] for i in order], dtype=np.uint64)
+    w_hi = np.array([writes[i][1] for i in order], dtype=np.uint64)
+
+    # Reads: the entries copied from, but not an entry that is exactly its own target.
+    reads = [(j, _span(s)) for j, (_, t, s) in enumerate(copies)
+             if not (_span(s) == writes[j] and s.dtype == t.dtype)]
+    r_lo = np.array([lo for _, (lo, _) in reads], dtype=np.uint64)
+    r_hi = np.array([hi for _, (_, hi) in reads], dtype=np.uint64)
+
+    def read_name(k):
+        return f"checkpoints[{last}][{names[reads[k][0]]!r}]"
+
+    hit = _first_meeting(w_lo, w_hi, r_lo, r_hi)
+    if hit is not None:
+        raise ValueError(f"target[{names[order[hit[1]]]!r}] overlaps {read_name(hit[0])} in "
+                         "memory without being the same buffer; an output may alias one of its "
+                         "own inputs only exactly (same storage, size and dtype)")
+    if plan is None:
+        return
+
+    # The merged (floating-point) tensors: outputs [T] (one per tensor: merge_into plans have
+    # a single output), sources [T, N], bases [T] (0 = none).
+    n = plan.num_sources
+    numels = np.asarray(plan.numels).astype(np.uint64)
+    f_lo = np.asarray(plan.outs, dtype=np.uint64)
+    f_hi = f_lo + numels * _ITEMSIZES[np.asarray(plan.out_dtypes)]
+    f_order = np.argsort(f_lo, kind="stable")
+    f_order = f_order[f_lo[f_order] < f_hi[f_order]]
+    for lo, hi, what, problem in (
+            (w_lo, w_hi, lambda k: f"target[{names[order[k]]!r}]", "share memory; every output "
+             "needs its own storage"),
+            (r_lo, r_hi, read_name, "share memory; an integer entry is read after the merge "
+             "writes, so the output needs its own storage")):
+        hit = _first_meeting(f_lo[f_order], f_hi[f_order], lo, hi)
+        if hit is not None:
+            raise ValueError(f"{plan._output_name(0, int(f_order[hit[1]]))} and {what(hit[0])} "
+                             f"{problem}")
+    s_lo = np.asarray(plan.srcs, dtype=np.uint64)
+    s_hi = s_lo + (numels[:, None] * _ITEMSIZES[np.asarray(plan.src_dtypes).reshape(-1, n)]
+                   ).reshape(-1)
+    b_lo = np.asarray(plan.bases, dtype=np.uint64)
+    b_hi = np.where(b_lo != 0, b_lo + numels * _ITEMSIZES[np.asarray(plan.base_dtypes)], b_lo)
+    for lo, hi, what in ((s_lo, s_hi, lambda j: plan._input_name(j // n, j % n)),
+                         (b_lo, b_hi, lambda j: plan._input_name(j, -1))):
+        hit = _first_meeting(w_lo, w_hi, lo, hi)
+        if hit is not None:
+            raise ValueError(f"target[{names[order[hit[1]]]!r}] overlaps {what(hit[0])} in "
+                             "memory; an integer entry is copied into storage of its own, which "
+                             "no input of the merge may share")
 
 
 def _check_like(t: torch.Tensor, ref: torch.Tensor, what: str, ref_what: str) -> None:
@@ -192,23 +302,54 @@ def _check_like(t: torch.Tensor, ref: torch.Tensor, what: str, ref_what: str) ->
                          "of one merge must be on one device")
 
 
+def _real_number(c, where: str) -> float:
+    """c as a Python float if it is a real number: an int or float (bool is not one), a numpy
+    real scalar, or a 0-d real array or tensor; TypeError naming `where` otherwise."""
+    value = c.item() if getattr(c, "ndim", None) == 0 and hasattr(c, "item") else c
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        got = type(c).__name__
+        if isinstance(c, (torch.Tensor, np.ndarray)):
+            got += f" of dtype {c.dtype}"
+        raise TypeError(f"{where}: expected a real number, got {got}")
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{where} is beyond float32's range; coefficients must be finite "
+                         "float32 values") from None
+
+
+def _real_numbers(values, where: str) -> list[float]:
+    """values (a list, tuple, numpy array or tensor) as Python floats; TypeError naming the
+    first entry that is not a real number (see _real_number), or the container."""
+    got = type(values).__name__
+    if hasattr(values, "tolist"):  # numpy arrays, tensors; a 0-d one becomes a number
+        values = values.tolist()
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise TypeError(f"{where}: expected a sequence of numbers, got {got}")
+    if set(map(type, values)) <= {float, int}:  # the common case, at C speed
+        return list(map(float, values))
+    return [_real_number(c, f"{where}[{i}]") for i, c in enumerate(values)]
+
+
 def _coeff_rows(coeffs, num_rows: int | None, num_sources: int) -> list[list[float]]:
-    """coeffs as [K][N] Python floats: a vector (num_rows None) or a K x N matrix; all finite."""
-    if isinstance(coeffs, torch.Tensor):
-        coeffs = coeffs.detach().cpu().tolist()
-    elif hasattr(coeffs, "tolist"):  # numpy arrays
-        coeffs = coeffs.tolist()
-    rows = [coeffs] if num_rows is None else list(coeffs)
-    if num_rows is not None and len(rows) != num_rows:
-        raise ValueError(f"coeffs: {len(rows)} rows for {num_rows} outputs; coeffs must be "
-                         "K x N with one row per output")
+    """coeffs as [K][N] Python floats: a vector (num_rows None) or a K x N matrix; all finite
+    real numbers (a bool, a string or a complex number raises TypeError naming it)."""
+    if num_rows is None:
+        rows = [coeffs]
+    else:
+        got = type(coeffs).__name__
+        if hasattr(coeffs, "tolist"):  # numpy arrays, tensors
+            coeffs = coeffs.tolist()
+        if isinstance(coeffs, (str, bytes)) or not isinstance(coeffs, Sequence):
+            raise TypeError(f"coeffs: expected K x N numbers (a sequence of rows), got {got}")
+        rows = list(coeffs)
+        if len(rows) != num_rows:
+            raise ValueError(f"coeffs: {len(rows)} rows for {num_rows} outputs; coeffs must be "
+                             "K x N with one row per output")
     out = []
     for k, row in enumerate(rows):
         where = "coeffs" if num_rows is None else f"coeffs row {k}"
-        try:
-            row = [float(c) for c in row]
-        except TypeError as e:
-            raise TypeError(f"{where}: expected a sequence of numbers ({e})") from None
+        row = _real_numbers(row, where)
         if len(row) != num_sources:
             raise ValueError(f"{where}: {len(row)} coefficients for {num_sources} sources")
         _check_float32_finite(row, where)
@@ -329,8 +470,9 @@ def merge_into(target, checkpoints: Sequence[Mapping[str, torch.Tensor]], coeffs
     straight from its files. Every floating-point tensor becomes sum_i coeffs[i] * theta_i, or
     theta_base + sum_i coeffs[i] * (theta_i - theta_base) when base (an index into checkpoints,
     or a state dict) is given; integer tensors (BatchNorm's num_batches_tracked) are copied from
-    the last checkpoint. Storage is written in place: data_ptr() is unchanged. Nothing is
-    written unless every input is valid.
+    the last checkpoint, whose entries must match them in dtype, shape and device. coeffs: N
+    real numbers (not bools or strings). Storage is written in place: data_ptr() is unchanged.
+    Nothing is written unless every input is valid.
 
     Each call validates every tensor again; to merge the same checkpoints many times (a
     search), build a MergePlan once and call it.
@@ -338,6 +480,27 @@ def merge_into(target, checkpoints: Sequence[Mapping[str, torch.Tensor]], coeffs
     if hasattr(checkpoints, "_lcsc_merge_into"):  # a Trajectory: merged from its files
         return checkpoints._lcsc_merge_into(target, coeffs, base)
     return MergePlan(target, checkpoints, base)(coeffs)
+
+
+class _Outputs:
+    """A batched plan and the output tensors it writes through raw pointers. It holds them, so
+    none can be freed and its address reused while the plan exists; a call may reuse the plan
+    only for these very tensors with their storage, shape, dtype and device unchanged."""
+
+    # Each a C-level pass over the tensors: about 1 ms for 2400 outputs (K = 8 x 300 tensors).
+    _checks = (torch.Tensor.data_ptr, torch.Tensor.size, operator.attrgetter("dtype"),
+               torch.Tensor.get_device, torch.Tensor.is_contiguous)
+
+    def __init__(self, tensors: list, plan: _Plan | None):
+        self.tensors, self.plan = tensors, plan
+        self.state = [list(map(check, tensors)) for check in self._checks]
+
+    def matches(self, tensors: list) -> bool:
+        # Identity first: the checks may then assume tensors.
+        return (len(tensors) == len(self.tensors)
+                and all(map(operator.is_, tensors, self.tensors))
+                and all(list(map(check, tensors)) == then
+                        for check, then in zip(self._checks, self.state)))
 
 
 class MergePlan:
@@ -374,19 +537,32 @@ class MergePlan:
                 base_state = base
 
         plan = None
-        copies = []  # (target tensor, last checkpoint's tensor) for integer tensors
+        device = None  # every target tensor's: merge_into needs one device
+        copies = []  # (name, target tensor, last checkpoint's tensor) for integer tensors
         merged = set()  # (data_ptr, numel, dtype) already in the plan: tied weights merge once
         keep = []  # every tensor the plan points into
         jobs = []  # (name, target tensor, sources, base) per merged tensor, for batched plans
         for name in sorted(tensors):
             t = tensors[name]
             entries = [ck[name] for ck in checkpoints]
-            if not t.is_floating_point():
+            floating = t.is_floating_point()
+            if floating:
+                _check_tensor(t, f"target[{name!r}]")
+            else:
+                _check_copy_target(t, f"target[{name!r}]")
+            if device is None:
+                device = t.device
+            elif t.device != device:
+                raise ValueError(f"target[{name!r}] is on {t.device} but other target tensors "
+                                 f"are on {device}; merge_into needs one device")
+            key = (t.data_ptr(), t.numel(), t.dtype)
+            if not floating:
                 for i, s in enumerate(entries):
                     _check_copy_source(s, t, f"checkpoints[{i}][{name!r}]", f"target[{name!r}]")
-                copies.append((t, entries[-1]))
+                if not (t.numel() and key in merged):
+                    merged.add(key)
+                    copies.append((name, t, entries[-1]))
                 continue
-            _check_tensor(t, f"target[{name!r}]")
             for i, s in enumerate(entries):
                 if not _is_like(s, t):  # the slow path names what is wrong
                     _check_tensor(s, f"checkpoints[{i}][{name!r}]")
@@ -398,25 +574,24 @@ class MergePlan:
                 _check_like(b, t, f"base[{name!r}]", f"target[{name!r}]")
                 if not isinstance(base, int):
                     entries.append(b)  # the -sum(w) * theta_base term
-            key = (t.data_ptr(), t.numel(), t.dtype)
             if t.numel() and key in merged:
                 continue
             merged.add(key)
             if plan is None:
                 plan = _Plan(t.device, len(entries), 1, num_checkpoints=len(checkpoints))
-            elif t.device != plan.device:
-                raise ValueError(f"target[{name!r}] is on {t.device} but other target tensors "
-                                 f"are on {plan.device}; merge_into needs one device")
             plan.add(name, [t], entries, b)
             jobs.append((name, t, entries, b))
             keep.extend(entries)
         if plan is not None:
             plan.finish()
+        if copies:
+            _check_copies_overlap(plan, copies, len(checkpoints) - 1)
         self.target = target
         self._targets = tensors  # name -> tensor object, as planned
         self._target_ptrs = {k: v.data_ptr() for k, v in tensors.items()}
         self._plan, self._copies, self._keep, self._jobs = plan, copies, keep, jobs
-        self._batched = None  # (the outs it was built for, _Plan)
+        self._job_names = [name for name, _, _, _ in jobs]
+        self._batched = None  # _Outputs: merge_batched's plan and the tensors it writes
         self._num_checkpoints = len(checkpoints)
         self._base_kind = None if base is None else ("index", base) if isinstance(
             base, int) else ("state", None)
@@ -428,7 +603,7 @@ class MergePlan:
         row = self._fold(row)
         if self._plan is not None:
             self._plan.run([row])
-        for t, src in self._copies:
+        for _, t, src in self._copies:
             with torch.no_grad():
                 t.copy_(src)
         return self.target
@@ -453,13 +628,32 @@ class MergePlan:
 
         outs: K dicts holding, for every floating-point tensor of the target, a tensor of its
         shape on its device (they are written; integer tensors are not touched). Each source
-        element is read once for all K candidates: how a search scores a generation.
+        element is read once for all K candidates: how a search scores a generation. The
+        native tables are kept for the next call with the same output tensors (the same
+        objects, with the same storage, shape and dtype); any other outputs are validated
+        afresh.
         """
+        if isinstance(outs, (Mapping, torch.Tensor)) or not isinstance(outs, Sequence):
+            raise TypeError("outs: expected a sequence of dicts of tensors (a list or tuple), "
+                            f"one per candidate, got {type(outs).__name__}")
+        if len(outs) == 0:
+            raise ValueError("outs: at least one candidate (a dict of output tensors) is needed")
         rows = _coeff_rows(coeffs, len(outs), self._num_checkpoints)
-        if self._batched is None or self._batched[0] != [id(o) for o in outs]:
-            self._batched = ([id(o) for o in outs], self._batched_plan(outs))
-        if self._batched[1] is not None:
-            self._batched[1].run([self._fold(row) for row in rows])
+        tensors = self._batched_outputs(outs)
+        if tensors is None or self._batched is None or not self._batched.matches(tensors):
+            plan = self._batched_plan(outs)  # validates every output; raises naming a bad one
+            self._batched = _Outputs(self._batched_outputs(outs), plan)
+        if self._batched.plan is not None:
+            self._batched.plan.run([self._fold(row) for row in rows])
+
+    def _batched_outputs(self, outs) -> list | None:
+        """outs[k][name] for k, then each merged name (the plan's [K, T] order); None when an
+        output is not a dict holding every name (validation then says which)."""
+        names = self._job_names
+        try:
+            return [out[name] for out in outs for name in names]
+        except (KeyError, TypeError, IndexError):
+            return None
 
     def _batched_plan(self, outs) -> _Plan | None:
         if not self._jobs:

@@ -21,7 +21,8 @@ from operator import attrgetter
 import torch
 
 from . import _C
-from .engine import _DTYPE_CODES, _check_float32_finite, _check_tensor, cuda_launch
+from .engine import (_DTYPE_CODES, _check_float32_finite, _check_tensor, _real_number,
+                     _real_numbers, cuda_launch)
 
 __all__ = ["LoraPlan", "lora_weighted_sum"]
 
@@ -34,25 +35,17 @@ def _check_factors(factors, what: str) -> list:
 
 
 def _coefficients(coeffs, num_checkpoints: int, scale) -> array:
-    """The float32 weights w_i = fl32(scale * c_i) the kernels apply; raises naming a bad one."""
+    """The float32 weights w_i = fl32(scale * c_i) the kernels apply; raises naming a bad one.
+    Coefficients and scale are real numbers as everywhere in lcsc_fast (engine._real_number)."""
     if isinstance(coeffs, torch.Tensor):
-        coeffs = coeffs.detach().cpu().reshape(-1).tolist()
-    elif hasattr(coeffs, "tolist"):  # numpy arrays
-        coeffs = coeffs.tolist()
-    if not isinstance(coeffs, Sequence) or isinstance(coeffs, (str, bytes)):
-        raise TypeError(f"coeffs: expected a sequence of numbers, got {type(coeffs).__name__}")
-    if len(coeffs) != num_checkpoints:
-        raise ValueError(f"coeffs: {len(coeffs)} coefficients for {num_checkpoints} "
+        coeffs = coeffs.detach().cpu().reshape(-1)
+    row = _real_numbers(coeffs, "coeffs")
+    if len(row) != num_checkpoints:
+        raise ValueError(f"coeffs: {len(row)} coefficients for {num_checkpoints} "
                          "checkpoints' factors; pass one per checkpoint")
     if isinstance(scale, torch.Tensor) and scale.numel() == 1:
-        scale = scale.item()
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale: expected a number, got {type(scale).__name__}")
-    scale = float(scale)
-    try:
-        row = [float(c) for c in coeffs]
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"coeffs: expected a sequence of numbers ({e})") from None
+        scale = scale.reshape(())
+    scale = _real_number(scale, "scale")
     weights = array("f", [scale * c for c in row])
     if not all(map(math.isfinite, weights)):  # the slow path names the culprit
         _check_float32_finite(row, "coeffs")

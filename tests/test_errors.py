@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -123,6 +124,25 @@ WS_CASES = [
     ("-inf coeff in a tensor", ValueError, r"coeffs\[0\] is -inf",
      _set("coeffs", lambda c: torch.tensor([-math.inf, 1.0, 0.25, 2.0]))),
     ("None coeff", TypeError, r"coeffs", _set("coeffs", lambda c: [0.5, None, 0.25, 2.0])),
+    # Coefficients are real numbers: float() would take True as 1 and "2" as 2.
+    ("bool coeff", TypeError, r"^coeffs\[1\]: expected a real number, got bool",
+     _set("coeffs", lambda c: [0.5, True, 0.25, 2.0])),
+    ("numpy bool coeff", TypeError, r"^coeffs\[3\]: expected a real number, got bool",
+     _set("coeffs", lambda c: [0.5, -1.0, 0.25, np.bool_(True)])),
+    ("numpy bool array", TypeError, r"^coeffs\[0\]: expected a real number, got bool",
+     _set("coeffs", lambda c: np.array([True, False, True, True]))),
+    ("bool tensor", TypeError, r"^coeffs\[0\]: expected a real number, got bool",
+     _set("coeffs", lambda c: torch.tensor([True, False, True, True]))),
+    ("0-d bool tensor coeff", TypeError, r"^coeffs\[2\]: expected a real number, got Tensor",
+     _set("coeffs", lambda c: [0.5, -1.0, torch.tensor(True), 2.0])),
+    ("string coeff", TypeError, r"^coeffs\[2\]: expected a real number, got str",
+     _set("coeffs", lambda c: [0.5, -1.0, "0.25", 2.0])),
+    ("string of digits as coeffs", TypeError, r"^coeffs: expected a sequence of numbers, got str",
+     _set("coeffs", lambda c: "1234")),
+    ("complex coeff", TypeError, r"^coeffs\[0\]: expected a real number, got complex",
+     _set("coeffs", lambda c: [0.5 + 0j, -1.0, 0.25, 2.0])),
+    ("coeffs in a set", TypeError, r"^coeffs: expected a sequence of numbers, got set",
+     _set("coeffs", lambda c: {0.5, -1.0, 0.25, 2.0})),
     ("no sources", ValueError, r"sources: at least one", _set("sources", lambda c: [])),
     ("sources is a tensor", TypeError, r"sources: expected a sequence",
      _set("sources", lambda c: torch.stack([s.float() for s in c.sources]))),
@@ -205,6 +225,12 @@ BATCHED_CASES = [
      _set("coeffs", lambda c: [c.coeffs[0], c.coeffs[1], [math.nan, 0.2, 0.3, 0.4]])),
     ("inf in a tensor row 0", ValueError, r"coeffs row 0\[3\] is inf",
      _set("coeffs", lambda c: torch.tensor([[0.5, -1.0, 0.25, math.inf]] + c.coeffs[1:]))),
+    ("bool in row 1", TypeError, r"^coeffs row 1\[0\]: expected a real number, got bool",
+     _set("coeffs", lambda c: [c.coeffs[0], [True, 0.0, 0.0, 0.0], c.coeffs[2]])),
+    ("string row", TypeError, r"^coeffs row 2: expected a sequence of numbers, got str",
+     _set("coeffs", lambda c: c.coeffs[:2] + ["1234"])),
+    ("rows of a string", TypeError, r"^coeffs: expected K x N numbers",
+     _set("coeffs", lambda c: "123")),
     ("outs[1] shape", ValueError, r"outs\[1\]: shape \(65,\)",
      _set_out(1, lambda c: randn(NUMEL + 1, torch.float16, c.g))),
     ("outs[2] dtype differs", TypeError, r"outs\[2\]: dtype torch\.bfloat16",
@@ -281,7 +307,7 @@ class Merge:
             ts.append(self.target)
         elif isinstance(self.target, dict):
             ts += [t for t in self.target.values() if isinstance(t, torch.Tensor)]
-        return ts
+        return [t for t in ts if t.device.type != "meta"]  # a meta tensor holds no bits
 
 
 def _ck(i, name, make):
@@ -325,6 +351,46 @@ def _float64_model(c):
     c.target = c.target.double()
 
 
+def _complex_buffer(c):
+    c.model.register_buffer("phase", torch.full((2,), 1 + 1j, dtype=torch.complex64))
+    for i, ck in enumerate(c.checkpoints):
+        ck["phase"] = torch.full((2,), 3 + 3j * i, dtype=torch.complex64)
+
+
+def _float_and_int(make_target, edit=None):
+    """A dict target of a float tensor 'w' and integer ones (make_target(c, w)) and three
+    checkpoints of fresh tensors, which edit(c) may change."""
+    def mutate(c):
+        w = randn(4, torch.float32, c.g)
+        c.keep.append(w)
+        c.target = make_target(c, w)
+        c.checkpoints = [{name: randn(4, torch.float32, c.g) if name == "w"
+                          else torch.full(t.shape, 7 + i, dtype=t.dtype)
+                          for name, t in c.target.items()} for i in range(3)]
+        if edit is not None:
+            edit(c)
+    return mutate
+
+
+def _int_view_of_float_source(c):
+    c.checkpoints[1]["w"] = c.target["n"].view(torch.float32)
+    c.keep.append(c.checkpoints[1]["w"])
+
+
+def _float_target_copied_from(c):
+    c.checkpoints[2]["n"] = c.target["w"].view(torch.int32)
+
+
+def _int_target_copied_into_another(c):
+    c.checkpoints[2]["b"] = c.target["a"]  # read after target 'a' was written
+
+
+def _shared_int_buffer(c, w):
+    buf = torch.zeros(5, dtype=torch.int64)
+    c.keep.append(buf)
+    return {"w": w, "a": buf[:3], "b": buf[2:]}
+
+
 MERGE_CASES = [
     ("missing name", ValueError,
      r"checkpoints\[1\] does not match the target's tensors: missing 'fc\.bias'",
@@ -349,6 +415,10 @@ MERGE_CASES = [
      _ck(2, "bn.num_batches_tracked", lambda c, v: v.float())),
     ("too few coeffs", ValueError, r"coeffs: 2 coefficients for 3 sources",
      _set("coeffs", lambda c: [0.5, 0.5])),
+    ("bool coeff", TypeError, r"^coeffs\[2\]: expected a real number, got bool",
+     _set("coeffs", lambda c: [0.2, 0.3, True])),
+    ("string of digits as coeffs", TypeError, r"^coeffs: expected a sequence of numbers, got str",
+     _set("coeffs", lambda c: "123")),
     ("nan coeff", ValueError, r"coeffs\[2\] is nan",
      _set("coeffs", lambda c: [0.2, 0.3, math.nan])),
     ("inf coeff", ValueError, r"coeffs\[0\] is inf",
@@ -387,6 +457,37 @@ MERGE_CASES = [
     ("target tensor aliases another name's source", ValueError,
      r"target\['conv\.bias'\] overlaps checkpoints\[0\]\['bn\.bias'\]",
      _live_tensor_under_another_name),
+    ("complex buffer", TypeError, r"^target\['phase'\]: dtype torch\.complex64 is not supported",
+     _complex_buffer),
+    # Integer (copied) entries are validated like merged ones, before anything is written.
+    ("num_batches_tracked on meta in the last checkpoint", ValueError,
+     r"^checkpoints\[2\]\['bn\.num_batches_tracked'\]: on meta but target\[",
+     _ck(2, "bn.num_batches_tracked", lambda c, v: v.to("meta"))),
+    ("num_batches_tracked shape in an earlier checkpoint", ValueError,
+     r"^checkpoints\[0\]\['bn\.num_batches_tracked'\]: shape \(1,\)",
+     _ck(0, "bn.num_batches_tracked", lambda c, v: v.reshape(1))),
+    ("integer target on meta", ValueError, r"^target\['n'\]: device meta is not supported",
+     _float_and_int(lambda c, w: {"w": w, "n": torch.zeros(3, dtype=torch.int64, device="meta")})),
+    ("expanded (stride 0) integer target", ValueError, r"^target\['n'\]: .*contiguous",
+     _float_and_int(lambda c, w: {"w": w, "n": torch.zeros(1, dtype=torch.int64).expand(3)})),
+    ("integer target is a view of a float target", ValueError,
+     r"^target\['w'\] and target\['n'\] share memory",
+     _float_and_int(lambda c, w: {"w": w, "n": w.view(torch.int32)})),
+    ("integer targets partially overlap", ValueError,
+     r"^target\['(a|b)'\] and target\['(a|b)'\] share memory", _float_and_int(_shared_int_buffer)),
+    ("integer target under a float source", ValueError,
+     r"^target\['n'\] overlaps checkpoints\[1\]\['w'\] in memory",
+     _float_and_int(lambda c, w: {"w": w, "n": torch.zeros(4, dtype=torch.int32)},
+                    _int_view_of_float_source)),
+    ("float target under the integer entry copied", ValueError,
+     r"^target\['w'\] and checkpoints\[2\]\['n'\] share memory",
+     _float_and_int(lambda c, w: {"w": w, "n": torch.zeros(4, dtype=torch.int32)},
+                    _float_target_copied_from)),
+    ("integer target copied into another", ValueError,
+     r"^target\['a'\] overlaps checkpoints\[2\]\['b'\] in memory",
+     _float_and_int(lambda c, w: {"w": w, "a": torch.zeros(3, dtype=torch.int64),
+                                  "b": torch.zeros(3, dtype=torch.int64)},
+                    _int_target_copied_into_another)),
 ]
 
 

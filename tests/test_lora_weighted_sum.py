@@ -366,6 +366,36 @@ def test_non_finite_coefficients_and_scale():
     expect_error(case, TypeError, r"coeffs: expected a sequence of numbers")
 
 
+def test_coefficients_and_scale_are_real_numbers():
+    """A bool, numpy bool, string or complex coefficient (float() would take True as 1 and "2"
+    as 2) is a TypeError naming it, for the op and a plan's call alike, and out keeps its bits;
+    numpy real scalars and 0-d tensors are real numbers, for the scale too."""
+    for bad, match in (([1.0, True, 0.0], r"coeffs\[1\]: expected a real number, got bool"),
+                       ([np.bool_(False), 1.0, 0.0], r"coeffs\[0\]: expected a real number"),
+                       (["2", 1.0, 0.0], r"coeffs\[0\]: expected a real number, got str"),
+                       ([1.0, 0.0, 1j], r"coeffs\[2\]: expected a real number, got complex"),
+                       (np.array([True, False, True]), r"coeffs\[0\]: .* got bool"),
+                       ("123", r"coeffs: expected a sequence of numbers, got str")):
+        case = Case()
+        case.coeffs = bad
+        expect_error(case, TypeError, match)
+        plan = LoraPlan(case.out, case.As, case.Bs)
+        case.call = lambda plan=plan, bad=bad: plan(bad)
+        expect_error(case, TypeError, match)
+    for scale in (True, np.bool_(True), "2", torch.tensor(True)):
+        case = Case()
+        case.scale = scale
+        expect_error(case, TypeError, r"scale: expected a real number")
+    case = Case()
+    want = lora_weighted_sum(nan_like((10, 12), torch.float32), case.As, case.Bs, [0.5, -1.0, 2.0],
+                             scale=0.5)
+    for coeffs, scale in (([np.float32(0.5), np.int64(-1), torch.tensor(2.0)], np.float64(0.5)),
+                          (np.array([0.5, -1, 2], dtype=np.float32), torch.tensor(0.5))):
+        got = lora_weighted_sum(nan_like((10, 12), torch.float32), case.As, case.Bs, coeffs,
+                                scale=scale)
+        assert_bitwise_equal(got, want)
+
+
 def test_partial_overlap_of_base_and_out():
     case = Case()
     buf = torch.zeros(10 * 12 + 1)
@@ -467,7 +497,7 @@ def test_plan_checks_arguments_and_coefficients():
     with pytest.raises(ValueError, match=r"Bs\[1\]: shape \(10, 5\) differs"):
         LoraPlan(case.out, case.As, case.Bs)
     case = Case()
-    with pytest.raises(TypeError, match=r"scale: expected a number"):
+    with pytest.raises(TypeError, match=r"scale: expected a real number, got str"):
         LoraPlan(case.out, case.As, case.Bs, scale="2")
     case = Case()
     plan = LoraPlan(case.out, case.As, case.Bs)

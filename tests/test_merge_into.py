@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -439,4 +440,111 @@ def test_plan_merge_batched_refuses_bad_outputs(checkpoints):
     outs[1][name] = torch.zeros(3)
     with pytest.raises(ValueError, match=rf"outs\[1\]\['{re.escape(name)}'\]: shape"):
         plan.merge_batched(rows, outs)
+    assert all(torch.count_nonzero(t) == 0 for t in outs[0].values())
+
+
+def test_plan_merge_batched_writes_the_outputs_it_is_given_now(checkpoints):
+    """merge_batched keeps its native tables only for the very output tensors they were built
+    for. A tensor replaced in an output dict, or one whose storage, shape or dtype changed in
+    place, is validated afresh: a valid one receives the merge (the old storage keeps its
+    bits), a bad one is named and nothing is written."""
+    net = fresh_net("plan-batched-replaced")
+    plan = lcsc_fast.MergePlan(net, checkpoints)
+    floats = {k: v for k, v in net.state_dict().items() if v.is_floating_point()}
+    name = next(iter(floats))
+    g = generator("plan-batched-replaced-coeffs")
+
+    def merge(outs):
+        """merge_batched with fresh rows into outs; each output checked against plan(row)."""
+        rows = torch.randn(len(outs), len(checkpoints), generator=g, dtype=torch.float64)
+        plan.merge_batched(rows.tolist(), outs)
+        for row, out in zip(rows.tolist(), outs):
+            plan(row)
+            for k, t in out.items():
+                assert_bitwise_equal(t, net.state_dict()[k], k)
+
+    outs = [{k: torch.zeros_like(v) for k, v in floats.items()} for _ in range(2)]
+    merge(outs)
+    old = outs[1][name]
+    old_bits = old.clone()
+    outs[1][name] = torch.full_like(old, float("nan"))  # replaced in the same dict
+    merge(outs)
+    assert_bitwise_equal(old, old_bits, "the replaced tensor")
+
+    t = outs[0][name]
+    alias = t.view_as(t)  # keeps the old storage alive, and shows whether it is written
+    alias_bits = alias.clone()
+    with torch.no_grad():
+        t.set_(torch.full_like(t, float("nan")))  # same tensor object, new storage
+    merge(outs)
+    assert_bitwise_equal(alias, alias_bits, "the storage the tensor held before")
+
+    def refused(error, match):
+        before = [{k: v.clone() for k, v in out.items()} for out in outs]
+        with pytest.raises(error, match=match):
+            plan.merge_batched([[1.0 / len(checkpoints)] * len(checkpoints)] * 2, outs)
+        for out, kept in zip(outs, before):
+            for k, v in out.items():
+                assert_bitwise_equal(v, kept[k], k)
+
+    shape = tuple(outs[1][name].shape)
+    outs[1][name] = torch.zeros(3)  # replaced by a tensor of the wrong shape
+    refused(ValueError, rf"outs\[1\]\['{re.escape(name)}'\]: shape \(3,\)")
+    outs[1][name] = torch.zeros(shape)
+    merge(outs)
+    t = outs[1][name]
+    t.data = t.view(torch.int32)  # same storage and object, another dtype
+    refused(TypeError, rf"outs\[1\]\['{re.escape(name)}'\]: dtype torch\.int32")
+    t.data = t.view(torch.float32)
+    merge(outs)
+    with torch.no_grad():
+        t.set_(t.untyped_storage(), 0, (1,))  # same storage and object, another shape
+    refused(ValueError, rf"outs\[1\]\['{re.escape(name)}'\]: shape \(1,\)")
+
+
+def test_plan_merge_batched_needs_a_candidate(checkpoints):
+    """No outputs at all is a ValueError (not an IndexError); a single dict instead of a
+    list of them is a TypeError."""
+    net = fresh_net("plan-batched-empty")
+    plan = lcsc_fast.MergePlan(net, checkpoints)
+    with pytest.raises(ValueError, match=r"outs: at least one candidate"):
+        plan.merge_batched([], [])
+    out = {k: torch.zeros_like(v) for k, v in net.state_dict().items() if v.is_floating_point()}
+    with pytest.raises(TypeError, match=r"outs: expected a sequence of dicts"):
+        plan.merge_batched([[0.25] * len(checkpoints)], out)
+    assert all(torch.count_nonzero(t) == 0 for t in out.values())
+
+
+def test_coefficients_are_real_numbers(checkpoints):
+    """ints, numpy real scalars (float32, int64), 0-d float tensors and numpy arrays give the
+    bits of the same Python floats; a bool, a numpy bool or a string (float() would take
+    them as 1 or 2) is a TypeError naming the coefficient, for merge_into, a plan call and
+    merge_batched alike, and nothing is written."""
+    want = fresh_net("real-coeffs")
+    lcsc_fast.merge_into(want, checkpoints, [1.0, -2.0, 0.5, 0.25])
+    for coeffs in ([1, -2, 0.5, 0.25], [np.float32(1), np.int64(-2), np.float64(0.5), 0.25],
+                   [torch.tensor(1.0), torch.tensor(-2.0, dtype=torch.float64), 0.5, 0.25],
+                   np.array([1.0, -2.0, 0.5, 0.25], dtype=np.float32)):
+        net = fresh_net("real-coeffs-other")
+        lcsc_fast.merge_into(net, checkpoints, coeffs)
+        for k, v in want.state_dict().items():
+            assert_bitwise_equal(net.state_dict()[k], v, k)
+
+    net = fresh_net("real-coeffs-refused")
+    plan = lcsc_fast.MergePlan(net, checkpoints)
+    floats = {k: v for k, v in net.state_dict().items() if v.is_floating_point()}
+    outs = [{k: torch.zeros_like(v) for k, v in floats.items()}]
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    for bad, match in (([0.5, True, 0.0, 0.5], r"coeffs\[1\]: expected a real number, got bool"),
+                       ([0.5, 0.0, np.bool_(True), 0.5], r"coeffs\[2\]: .* got bool"),
+                       ([0.5, 0.0, 0.0, "0.5"], r"coeffs\[3\]: expected a real number, got str"),
+                       ("1234", r"coeffs: expected a sequence of numbers, got str")):
+        with pytest.raises(TypeError, match=match):
+            lcsc_fast.merge_into(net, checkpoints, bad)
+        with pytest.raises(TypeError, match=match):
+            plan(bad)
+        with pytest.raises(TypeError, match=match.replace("coeffs", "coeffs row 0", 1)):
+            plan.merge_batched([bad], outs)
+    for k, v in net.state_dict().items():
+        assert_bitwise_equal(v, before[k], k)
     assert all(torch.count_nonzero(t) == 0 for t in outs[0].values())

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -102,18 +103,23 @@ def test_any_shape(device, shape):
 
 
 def test_coefficient_containers_agree():
-    """coeffs may be a list, tuple, float32/float64 tensor or ints: same bits either way."""
+    """coeffs may be a list, tuple, float32/float64 tensor or numpy array of real numbers:
+    ints, floats, numpy real scalars, 0-d real tensors; same bits either way."""
     g = generator("containers")
     sources = [randn(1000, src_dtype("mixed", i), g) for i in range(3)]
     forms = [[1.0, -2.0, 0.5], (1.0, -2.0, 0.5), [1, -2, 0.5],
-             torch.tensor([1.0, -2.0, 0.5]), torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)]
+             torch.tensor([1.0, -2.0, 0.5]), torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64),
+             np.array([1.0, -2.0, 0.5], dtype=np.float32), np.array([1, -2, 0.5]),
+             [np.float32(1.0), np.int64(-2), np.float64(0.5)], [np.array(1.0), -2, 0.5],
+             [torch.tensor(1), torch.tensor(-2.0), torch.tensor(0.5, dtype=torch.bfloat16)]]
     results = [lcsc_fast.weighted_sum(nan_like(1000, torch.float32), sources, c) for c in forms]
     for r in results[1:]:
         assert_bitwise_equal(r, results[0])
     rows = torch.tensor([[1.0, -2.0, 0.5], [0.25, 0.0, 3.0]])
-    outs = [nan_like(1000, torch.float32) for _ in range(2)]
-    lcsc_fast.weighted_sum_batched(outs, sources, rows)
-    assert_bitwise_equal(outs[0], results[0])
+    for form in (rows, rows.numpy(), list(rows), [[np.float32(1), -2, 0.5], (0.25, 0, 3)]):
+        outs = [nan_like(1000, torch.float32) for _ in range(2)]
+        lcsc_fast.weighted_sum_batched(outs, sources, form)
+        assert_bitwise_equal(outs[0], results[0])
 
 
 def test_n_4096_sources():
