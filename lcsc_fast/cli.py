@@ -278,24 +278,22 @@ def _wrap(text: str) -> str:
     return textwrap.fill(text, width=90)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not positive")
-    return value
+def _int_at_least(minimum: int, message: str):
+    """An argparse type: an integer >= minimum, else message ({value} filled in)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(message.format(value=value))
+        return value
+
+    return parse
 
 
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative; seeds are integers >= 0")
-    return value
+_positive_int = _int_at_least(1, "{value} is not positive")
+_seed = _int_at_least(0, "{value} is negative; seeds are integers >= 0")
 
 
 # ---------------------------------------------------------------- entry point
