@@ -302,6 +302,15 @@ def _check_like(t: torch.Tensor, ref: torch.Tensor, what: str, ref_what: str) ->
                          "of one merge must be on one device")
 
 
+def _one_device(device: torch.device | None, t: torch.Tensor, what: str) -> torch.device:
+    """t's device, which must be `device`, the other target tensors' (None for the first):
+    ValueError naming what otherwise."""
+    if device is not None and t.device != device:
+        raise ValueError(f"{what} is on {t.device} but other target tensors are on {device}; "
+                         "a merge needs one device")
+    return t.device
+
+
 def _real_number(c, where: str) -> float:
     """c as a Python float if it is a real number: an int or float (bool is not one), a numpy
     real scalar, or a 0-d real array or tensor; TypeError naming `where` otherwise."""
@@ -550,11 +559,7 @@ class MergePlan:
                 _check_tensor(t, f"target[{name!r}]")
             else:
                 _check_copy_target(t, f"target[{name!r}]")
-            if device is None:
-                device = t.device
-            elif t.device != device:
-                raise ValueError(f"target[{name!r}] is on {t.device} but other target tensors "
-                                 f"are on {device}; merge_into needs one device")
+            device = _one_device(device, t, f"target[{name!r}]")
             key = (t.data_ptr(), t.numel(), t.dtype)
             if not floating:
                 for i, s in enumerate(entries):

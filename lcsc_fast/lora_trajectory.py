@@ -649,11 +649,7 @@ class LoraTrajectory(Sequence):
             if tuple(t.shape) != self.shapes[name]:
                 raise ValueError(f"{what}[{name!r}]: shape {tuple(t.shape)} differs from the "
                                  f"trajectory's {self.shapes[name]}")
-            if device is None:
-                device = t.device
-            elif t.device != device:
-                raise ValueError(f"{what}[{name!r}] is on {t.device} but other tensors are on "
-                                 f"{device}; a merge needs one device")
+            device = engine._one_device(device, t, f"{what}[{name!r}]")
             key = (t.data_ptr(), t.numel(), t.dtype)
             if t.numel() and key in seen:
                 if name in self._modules or seen[key] in self._modules:

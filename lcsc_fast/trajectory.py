@@ -314,11 +314,7 @@ class Trajectory(Sequence):
             if tuple(t.shape) != self.shapes[name]:
                 raise ValueError(f"target[{name!r}]: shape {tuple(t.shape)} differs from the "
                                  f"trajectory's {self.shapes[name]}")
-            if device is None:
-                device = t.device
-            elif t.device != device:
-                raise ValueError(f"target[{name!r}] is on {t.device} but other target tensors "
-                                 f"are on {device}; merge_into needs one device")
+            device = engine._one_device(device, t, f"target[{name!r}]")
             key = (t.data_ptr(), t.numel(), t.dtype)
             if t.numel() and key in planned:
                 skip.append(k)
