@@ -477,6 +477,8 @@ class Trajectory(Sequence):
         memory ("pinned"), so that repeated merges (a search) never touch the files again.
         Returns self."""
         pinned = str(device) == "pinned"
+        if not pinned and torch.device(device).type == "cuda":
+            self._check_aligned_for_cuda()
         target = _normalized(torch.device("cpu" if pinned else device))
         buffers, addresses = [], []
         for f in self._files:
@@ -490,6 +492,22 @@ class Trajectory(Sequence):
         self._resident_buffers = buffers
         self._resident = (target, np.array(addresses, dtype=np.uint64))
         return self
+
+    def _check_aligned_for_cuda(self) -> None:
+        """A resident copy keeps each file's layout, and the CUDA kernels read an element with
+        a load of its own width: every floating-point tensor must start at a multiple of its
+        element size in its file. safetensors' own writer keeps them so; a file written
+        otherwise (an odd-length header, float32 data after an odd count of float16) may not,
+        and would fault on the device. ValueError naming the first such tensor."""
+        for header in self._headers:
+            for entry in header.entries.values():
+                size = entry.dtype.itemsize
+                if entry.dtype.is_floating_point and entry.begin % size:
+                    raise ValueError(
+                        f"{header.path}: tensor {entry.name!r} ({entry.dtype}) starts at byte "
+                        f"{entry.begin} of the file, not a multiple of {size}; a CUDA-resident "
+                        "trajectory needs aligned tensors. Re-save the checkpoint with "
+                        "safetensors, or merge without .to()")
 
     def _resident_int(self, name):
         f, entry = self._int_entries[name]

@@ -756,6 +756,45 @@ def test_resident_on_cpu_with_index(paths, stores, bdict):
     check_resident_on("cpu", "cpu:0", paths, stores, bdict, "raw")
 
 
+def write_unaligned(path, a: np.ndarray, b: np.ndarray, pad: int) -> None:
+    """A valid safetensors file that safetensors' writer would not make: one float16 tensor
+    'a' of odd length first, then float32 'b' (so at an offset that is not a multiple of 4),
+    after a header padded with `pad` spaces (an odd length leaves 'a' unaligned too)."""
+    header = json.dumps({
+        "a": {"dtype": "F16", "shape": [a.size], "data_offsets": [0, a.nbytes]},
+        "b": {"dtype": "F32", "shape": [b.size], "data_offsets": [a.nbytes, a.nbytes + b.nbytes]},
+    }).encode() + b" " * pad
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header + a.tobytes() + b.tobytes())
+
+
+def test_unaligned_tensors_merge_on_the_cpu_and_are_refused_for_cuda(tmp_path, paths):
+    """CPU merges read any offset; a CUDA-resident copy keeps the file's layout, where an
+    element must start at a multiple of its size, so .to("cuda") refuses it (before any CUDA
+    call) instead of faulting on the device."""
+    rng = np.random.default_rng(0)
+    states, files = [], []
+    for i in range(3):
+        a = rng.standard_normal(3).astype(np.float16)
+        b = rng.standard_normal(1000).astype(np.float32)
+        states.append({"a": torch.from_numpy(a), "b": torch.from_numpy(b)})
+        files.append(str(tmp_path / f"unaligned-{i}.safetensors"))
+        write_unaligned(files[-1], a, b, pad=i)
+    w = [0.2, 0.3, 0.5]
+    with Trajectory.open(files) as traj:
+        merged, ref = traj.merge(w), reference.merge(states, w)
+        for name in ("a", "b"):  # the merge is rounded to each tensor's own dtype
+            eps = torch.finfo(merged[name].dtype).eps
+            assert torch.allclose(merged[name].double(), ref[name], rtol=eps, atol=eps), name
+        with pytest.raises(ValueError, match=r"unaligned-0.safetensors: tensor 'b' "
+                                             r"\(torch.float32\) starts at byte \d+ of the "
+                                             r"file, not a multiple of 4"):
+            traj.to("cuda")
+        assert traj._resident is None
+    with Trajectory.open(paths) as traj:  # written by safetensors: aligned
+        traj._check_aligned_for_cuda()
+
+
 @pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("base", param("base", BASES))
 def test_file_merges_on_device(run, paths, stores, bdict, device, base):
