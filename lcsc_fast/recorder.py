@@ -275,15 +275,22 @@ class _Stream:
 
     # -- start-up
 
-    def remove_stale_tmp(self) -> None:
+    def remove_stale_tmp(self, manifest_only: bool = False) -> None:
         """Remove the temporary files a killed Recorder left: ours (step-*.safetensors.tmp,
-        manifest.json.tmp) and safetensors' own (.tmpXXXXXX). Other names are left alone."""
+        manifest.json.tmp) and safetensors' own (.tmpXXXXXX). Other names are left alone.
+        manifest_only: the directory has no manifest yet, and a Recorder writes its manifest
+        before any snapshot, so only manifest.json.tmp can be a Recorder's there."""
         for name in os.listdir(self.directory):
-            ours = name.endswith(TMP_SUFFIX) and (
-                name == MANIFEST_NAME + TMP_SUFFIX
-                or _snapshot_step(name[:-len(TMP_SUFFIX)]) is not None)
+            if name == MANIFEST_NAME + TMP_SUFFIX:
+                ours = True
+            elif manifest_only:
+                ours = False
+            else:
+                ours = (name.endswith(TMP_SUFFIX)
+                        and _snapshot_step(name[:-len(TMP_SUFFIX)]) is not None
+                        or _SAFETENSORS_TMP_NAME.fullmatch(name) is not None)
             path = os.path.join(self.directory, name)
-            if (ours or _SAFETENSORS_TMP_NAME.fullmatch(name)) and os.path.isfile(path):
+            if ours and os.path.isfile(path):
                 os.remove(path)
 
     def read_manifest(self) -> bool:
@@ -793,9 +800,9 @@ def _open_directory(streams: list[_Stream], directory: str) -> int | None:
     """
     main = streams[0]
     existed, found, common = _check_directory(streams, directory)
-    for s in streams:
+    for s, existed_before in zip(streams, existed):
         os.makedirs(s.directory, exist_ok=True)
-        s.remove_stale_tmp()
+        s.remove_stale_tmp(manifest_only=not existed_before)
     for s, existed_before, (good, bad) in zip(streams, existed, found):
         adopt = sorted(step for step in good if step in common)
         bad = bad + [path for step, path in good.items() if step not in common]

@@ -585,6 +585,21 @@ def test_a_refused_directory_is_left_as_it_was(tmp_path, refusal, ema):
     assert tree(d) == before
 
 
+def test_a_new_directory_keeps_temporary_files_that_cannot_be_a_recorders(tmp_path):
+    """Without a manifest, only manifest.json.tmp can be a Recorder's leftover (it writes its
+    manifest before any snapshot): other .tmp names there belong to someone else."""
+    d = tmp_path / "traj"
+    d.mkdir()
+    (d / ".tmpAbC123").write_text("another program's temporary file")
+    (d / "step-00000004.safetensors.tmp").write_bytes(b"someone else's")
+    (d / "manifest.json.tmp").write_text("a Recorder's manifest, half written")
+    with Recorder(small_model(), d, every=2):
+        pass
+    names = sorted(p.name for p in d.iterdir())
+    assert ".tmpAbC123" in names and "step-00000004.safetensors.tmp" in names
+    assert "manifest.json.tmp" not in names and "manifest.json" in names
+
+
 # ---------------------------------------------------------------- recording some entries only
 
 
