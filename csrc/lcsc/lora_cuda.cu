@@ -23,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda_host.h"
 #include "elementwise.h"
 #include "lora.h"
 
@@ -40,12 +41,9 @@ struct DeviceArgs {
   const float* weights;   // [N], device memory
 };
 
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("lcsc_fast CUDA LoRA merge: ") + what + " failed: " +
-                             cudaGetErrorString(err));
-  }
-}
+constexpr char kOp[] = "LoRA merge";
+
+void check(cudaError_t err, const std::string& what) { cuda::check(err, kOp, what); }
 
 // out[j][c] = round(v + base[j][c]) when (j, c) is inside out.
 __device__ __forceinline__ void finish_element(const DeviceArgs& d, int64_t j, int64_t c,
@@ -249,10 +247,10 @@ void lora_cuda(const LoraArgs& a, int device, uintptr_t stream_handle) {
   std::memcpy(host.data() + N * sizeof(void*), a.bs, N * sizeof(void*));
   std::memcpy(host.data() + 2 * N * sizeof(void*), a.weights, N * sizeof(float));
 
-  check(cudaSetDevice(device), "cudaSetDevice");
+  const cuda::DeviceGuard guard(device, kOp);
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  char* dev = nullptr;
-  check(cudaMallocAsync(reinterpret_cast<void**>(&dev), host.size(), stream), "cudaMallocAsync");
+  const cuda::StreamScratch scratch(host.size(), stream, kOp);
+  char* dev = scratch.get();
   // From pageable memory: returns once the bytes are staged, so `host` may go out of scope.
   check(cudaMemcpyAsync(dev, host.data(), host.size(), cudaMemcpyHostToDevice, stream),
         "cudaMemcpyAsync");
@@ -268,8 +266,11 @@ void lora_cuda(const LoraArgs& a, int device, uintptr_t stream_handle) {
   } else {
     lora_mma_kernel<kBFloat16><<<grid, kMmaThreads, 0, stream>>>(d);
   }
-  check(cudaGetLastError(), "kernel launch");
-  check(cudaFreeAsync(dev, stream), "cudaFreeAsync");
+  check(cudaGetLastError(), std::string("launch of ") +
+                                (!mma ? "lora_ffma_kernel" : "lora_mma_kernel") + " (" +
+                                std::to_string(grid_x) + " x " + std::to_string(grid_y) +
+                                " blocks, " + std::to_string(N) + " checkpoints of rank " +
+                                std::to_string(a.rank) + ")");
 }
 
 }  // namespace lcsc

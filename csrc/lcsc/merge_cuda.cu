@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda_host.h"
 #include "elementwise.h"
 #include "merge.h"
 
@@ -38,12 +39,9 @@ struct DeviceTables {
   const float* coeffs;         // [K, N]
 };
 
-void check(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("lcsc_fast CUDA merge: ") + what + " failed: " +
-                             cudaGetErrorString(err));
-  }
-}
+constexpr char kOp[] = "merge";
+
+void check(cudaError_t err, const std::string& what) { cuda::check(err, kOp, what); }
 
 __device__ __forceinline__ void unpack_halves(uint32_t word, int32_t dtype, float* x) {
   const uint16_t lo = uint16_t(word & 0xffffu), hi = uint16_t(word >> 16);
@@ -218,14 +216,13 @@ void merge_cuda(const MergeArgs& a, int device, uintptr_t stream_handle) {
   const size_t o_src_dt = blob.append(a.src_dtypes, T * N);
   const size_t o_coeffs = blob.append(a.coeffs, K * N);
 
-  check(cudaSetDevice(device), "cudaSetDevice");
+  const cuda::DeviceGuard guard(device, kOp);
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   int sm_count = 0;
   check(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device),
         "cudaDeviceGetAttribute");
-  char* dev = nullptr;
-  check(cudaMallocAsync(reinterpret_cast<void**>(&dev), blob.bytes().size(), stream),
-        "cudaMallocAsync");
+  const cuda::StreamScratch scratch(blob.bytes().size(), stream, kOp);
+  char* dev = scratch.get();
   // From pageable memory: returns once the bytes are staged, so the blob may go out of scope.
   check(cudaMemcpyAsync(dev, blob.bytes().data(), blob.bytes().size(), cudaMemcpyHostToDevice,
                         stream), "cudaMemcpyAsync");
@@ -243,13 +240,15 @@ void merge_cuda(const MergeArgs& a, int device, uintptr_t stream_handle) {
   const unsigned grid = unsigned(std::min<int64_t>(total_tiles, int64_t(sm_count) * 8));
   for (int64_t k0 = 0; k0 < K; k0 += kMaxOutputsPerPass) {
     const int kc = int(std::min<int64_t>(kMaxOutputsPerPass, K - k0));
-    if (kc == 1) merge_kernel<1><<<grid, kThreads, 0, stream>>>(d, k0, kc);
-    else if (kc == 2) merge_kernel<2><<<grid, kThreads, 0, stream>>>(d, k0, kc);
-    else if (kc <= 4) merge_kernel<4><<<grid, kThreads, 0, stream>>>(d, k0, kc);
+    const int kb = kc == 1 ? 1 : kc == 2 ? 2 : kc <= 4 ? 4 : 8;
+    if (kb == 1) merge_kernel<1><<<grid, kThreads, 0, stream>>>(d, k0, kc);
+    else if (kb == 2) merge_kernel<2><<<grid, kThreads, 0, stream>>>(d, k0, kc);
+    else if (kb == 4) merge_kernel<4><<<grid, kThreads, 0, stream>>>(d, k0, kc);
     else merge_kernel<8><<<grid, kThreads, 0, stream>>>(d, k0, kc);
-    check(cudaGetLastError(), "kernel launch");
+    check(cudaGetLastError(), "launch of merge_kernel<" + std::to_string(kb) + "> (" +
+                                  std::to_string(grid) + " blocks, " + std::to_string(T) +
+                                  " tensors, " + std::to_string(N) + " sources)");
   }
-  check(cudaFreeAsync(dev, stream), "cudaFreeAsync");
 }
 
 }  // namespace lcsc
