@@ -1,9 +1,11 @@
 // CUDA merge: the same op as merge_cpu.cpp, enqueued on the caller's stream.
 //
 // A block handles one tile of 2048 elements of one tensor (256 threads x 8 elements); blocks
-// stride over the tiles of all tensors. Each thread loads 8 elements of every source with one
-// 16-byte load (two for float32) when the tensor's pointers are aligned, folds them into up to
-// eight outputs' float32 accumulators held in registers, and writes each output once. The
+// stride over the tiles of all tensors. Each thread folds its 8 elements of every source into
+// up to eight outputs' float32 accumulators held in registers, and writes each output once. In
+// a full tile of a tensor whose pointers are all 16-byte aligned, a thread's elements are
+// consecutive and come with one 16-byte load (two for float32); in any other tile they lie
+// 256 apart, so that each warp's scalar loads still cover consecutive addresses. The
 // per-element math is elementwise.h's, shared with the CPU path, so the results agree bitwise.
 #include <cuda_runtime.h>
 
@@ -49,9 +51,16 @@ __device__ __forceinline__ void unpack_halves(uint32_t word, int32_t dtype, floa
   x[1] = dtype == kFloat16 ? half_to_float(hi) : bf16_to_float(hi);
 }
 
-// x[q] = element e + q of p as float, q < 8; vec means 8 elements from a 16-byte-aligned p.
-__device__ __forceinline__ void load8(const void* p, int64_t e, int32_t dtype, bool vec,
-                                      int count, float* x) {
+// This thread's element q (< 8) of the tile that starts at element tile0; see the top comment.
+__device__ __forceinline__ int64_t element(int64_t tile0, bool vec, int q) {
+  return vec ? tile0 + int64_t(threadIdx.x) * kElemsPerThread + q
+             : tile0 + int64_t(q) * kThreads + threadIdx.x;
+}
+
+// x[q] = this thread's element q of p as float, 0 past numel (vec: a full tile, p aligned).
+__device__ __forceinline__ void load8(const void* p, int64_t tile0, int64_t numel, int32_t dtype,
+                                      bool vec, float* x) {
+  const int64_t e = element(tile0, vec, 0);
   if (vec && dtype == kFloat32) {
     const float4* v = reinterpret_cast<const float4*>(static_cast<const float*>(p) + e);
     const float4 a = __ldg(v), b = __ldg(v + 1);
@@ -64,7 +73,11 @@ __device__ __forceinline__ void load8(const void* p, int64_t e, int32_t dtype, b
     unpack_halves(r.z, dtype, x + 4);
     unpack_halves(r.w, dtype, x + 6);
   } else {
-    for (int q = 0; q < kElemsPerThread; ++q) x[q] = q < count ? load_as_float(p, e + q, dtype) : 0.f;
+#pragma unroll
+    for (int q = 0; q < kElemsPerThread; ++q) {
+      const int64_t eq = element(tile0, false, q);
+      x[q] = eq < numel ? load_as_float(p, eq, dtype) : 0.f;
+    }
   }
 }
 
@@ -74,8 +87,9 @@ __device__ __forceinline__ uint32_t pack_halves(float a, float b, int32_t dtype)
   return uint32_t(lo) | (uint32_t(hi) << 16);
 }
 
-__device__ __forceinline__ void store8(void* p, int64_t e, int32_t dtype, bool vec, int count,
-                                       const float* x) {
+__device__ __forceinline__ void store8(void* p, int64_t tile0, int64_t numel, int32_t dtype,
+                                       bool vec, const float* x) {
+  const int64_t e = element(tile0, vec, 0);
   if (vec && dtype == kFloat32) {
     float4* v = reinterpret_cast<float4*>(static_cast<float*>(p) + e);
     v[0] = make_float4(x[0], x[1], x[2], x[3]);
@@ -85,7 +99,11 @@ __device__ __forceinline__ void store8(void* p, int64_t e, int32_t dtype, bool v
         make_uint4(pack_halves(x[0], x[1], dtype), pack_halves(x[2], x[3], dtype),
                    pack_halves(x[4], x[5], dtype), pack_halves(x[6], x[7], dtype));
   } else {
-    for (int q = 0; q < count; ++q) store_from_float(p, e + q, dtype, x[q]);
+#pragma unroll
+    for (int q = 0; q < kElemsPerThread; ++q) {
+      const int64_t eq = element(tile0, false, q);
+      if (eq < numel) store_from_float(p, eq, dtype, x[q]);
+    }
   }
 }
 
@@ -100,11 +118,10 @@ __global__ void __launch_bounds__(kThreads) merge_kernel(DeviceTables d, int64_t
       if (d.first_tile[mid] <= g) lo = mid; else hi = mid;
     }
     const int64_t t = lo;
-    const int64_t e = (g - d.first_tile[t]) * kTileElems + int64_t(threadIdx.x) * kElemsPerThread;
+    const int64_t tile0 = (g - d.first_tile[t]) * kTileElems;
     const int64_t numel = d.numels[t];
-    if (e >= numel) continue;
-    const int count = int(min(int64_t(kElemsPerThread), numel - e));
-    const bool vec = d.vector_ok[t] && count == kElemsPerThread;
+    const bool vec = d.vector_ok[t] && tile0 + kTileElems <= numel;
+    if (element(tile0, vec, 0) >= numel) continue;  // a thread past the end of a last tile
 
     float acc[KB][kElemsPerThread];
 #pragma unroll
@@ -117,7 +134,7 @@ __global__ void __launch_bounds__(kThreads) merge_kernel(DeviceTables d, int64_t
 #pragma unroll 4
     for (int64_t i = 0; i < N; ++i) {
       float x[kElemsPerThread];
-      load8(srcs[i], e, src_dtypes[i], vec, count, x);
+      load8(srcs[i], tile0, numel, src_dtypes[i], vec, x);
 #pragma unroll
       for (int k = 0; k < KB; ++k) {
         if (k >= kc) break;
@@ -129,7 +146,7 @@ __global__ void __launch_bounds__(kThreads) merge_kernel(DeviceTables d, int64_t
 
     const void* base = d.bases[t];
     float b[kElemsPerThread];
-    if (base != nullptr) load8(base, e, d.base_dtypes[t], vec, count, b);
+    if (base != nullptr) load8(base, tile0, numel, d.base_dtypes[t], vec, b);
 #pragma unroll
     for (int k = 0; k < KB; ++k) {
       if (k >= kc) break;
@@ -137,7 +154,7 @@ __global__ void __launch_bounds__(kThreads) merge_kernel(DeviceTables d, int64_t
 #pragma unroll
         for (int q = 0; q < kElemsPerThread; ++q) acc[k][q] = acc[k][q] + b[q];
       }
-      store8(d.outs[(k0 + k) * T + t], e, d.out_dtypes[t], vec, count, acc[k]);
+      store8(d.outs[(k0 + k) * T + t], tile0, numel, d.out_dtypes[t], vec, acc[k]);
     }
   }
 }
