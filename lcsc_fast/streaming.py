@@ -49,6 +49,11 @@ def merge_staged(traj, targets, device, columns, base_column, extra,
               if on_cuda else pinned)
     compute = torch.cuda.current_stream(device) if on_cuda else None
     copier = torch.cuda.Stream(device) if on_cuda else None
+    if on_cuda:
+        # staged[] was allocated on the compute stream, whose queued work may still use those
+        # blocks under their previous owner (the last merge's staging, for one): the copies
+        # into them start after it.
+        copier.wait_stream(compute)
     copied, merged = [None, None], [None, None]
     threads = torch.get_num_threads()
     try:
