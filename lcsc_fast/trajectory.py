@@ -35,7 +35,10 @@ PACKED_FORMAT = "lcsc_fast.packed"
 # Work is handed to the engine in chunks of about this many source bytes, so that the next
 # chunk's pages can be asked for (readahead) while this one is merged.
 CHUNK_NBYTES = 256 * 2**20
-SEGMENT_ELEMS = 1 << 20  # raw checkpoints: the longest run of one tensor a segment covers
+# Raw checkpoints: a segment covers at most SEGMENT_ELEMS elements of one tensor, and at most
+# about SEGMENT_NBYTES source bytes over all checkpoints (shorter runs for many checkpoints).
+SEGMENT_ELEMS = 1 << 20
+SEGMENT_NBYTES = 64 * 2**20
 
 
 @dataclass
@@ -178,9 +181,10 @@ class Trajectory(Sequence):
                 float_names.append(name)
         int_entries = {n: per_checkpoint[-1][n] for n in first if n not in float_names}
 
-        # Segments of at most SEGMENT_ELEMS elements of one tensor; source column k is
-        # checkpoint k. Runs this short keep chunks (readahead, page release) fine-grained
-        # however large a tensor is.
+        # Segments of at most SEGMENT_ELEMS elements of one tensor and about SEGMENT_NBYTES
+        # bytes over all checkpoints; source column k is checkpoint k. Runs this short keep
+        # chunks (readahead, page release, the staging buffers of CUDA merges) small however
+        # large a tensor is and however many checkpoints there are.
         M = len(per_checkpoint)
         parts = []
         for t, name in enumerate(float_names):
@@ -191,8 +195,10 @@ class Trajectory(Sequence):
                              dtype=np.int32)
             size = _code_nbytes(codes)
             numel = math.prod(shapes[name])
-            starts = np.arange(0, numel, SEGMENT_ELEMS, dtype=np.int64)
-            lens = np.minimum(SEGMENT_ELEMS, numel - starts)
+            # whole multiples of 64 elements, so each segment is as aligned as its tensor
+            run = min(SEGMENT_ELEMS, max(64, SEGMENT_NBYTES // int(size.sum()) // 64 * 64))
+            starts = np.arange(0, numel, run, dtype=np.int64)
+            lens = np.minimum(run, numel - starts)
             parts.append((np.full(len(starts), t, dtype=np.int64), starts, lens,
                           np.broadcast_to(file, (len(starts), M)),
                           begin[None, :] + starts[:, None] * size[None, :],

@@ -563,6 +563,25 @@ def test_raw_tensors_split_into_short_segments_merge_the_same(run, paths, bdict,
                                   f"base={b}")
 
 
+@pytest.mark.parametrize("limit, runs", [(1, [64, 36]), (128 * N * 4, [100])])
+def test_raw_segments_bounded_in_bytes_over_all_checkpoints(run, paths, bdict, monkeypatch,
+                                                            limit, runs):
+    """A raw segment holds at most about SEGMENT_NBYTES bytes over all checkpoints (what a CUDA
+    merge from files stages at once), in runs of whole multiples of 64 elements (at least 64),
+    so a segment starts as aligned as its tensor; the split merges to the same bits."""
+    monkeypatch.setattr(trajectory_module, "SEGMENT_NBYTES", limit)
+    with Trajectory.open(paths) as traj:
+        seg = traj._segments
+        bias = seg.tensor == traj._float_names.index("blocks.0.bias")
+        assert seg.numel[bias].tolist() == runs
+        assert ((seg.nbytes <= limit) | (seg.numel <= 64)).all()
+        assert (seg.start % 64 == 0).all()
+        for b in BASES:
+            base = resolve_base(b, bdict)
+            assert_states_bitwise(traj.merge(COEFFS, base=base), state_merge(run, COEFFS, base),
+                                  f"base={b}")
+
+
 @pytest.mark.parametrize("kind", ["raw", "packed"])
 def test_merge_larger_than_memory_releases_pages_and_equals(run, paths, stores, bdict,
                                                             monkeypatch, kind):
