@@ -13,6 +13,7 @@ weights are already on disk (nothing is downloaded at run time).
 
 from __future__ import annotations
 
+import numbers
 import os
 import warnings
 from collections.abc import Callable
@@ -88,6 +89,21 @@ def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
     return f.mean(axis=0), np.cov(f, rowvar=False).reshape(d, d)
 
 
+def _check_int(x, what: str) -> int:
+    """x as a Python int (numpy integers too), or a TypeError naming what: a bool, float or str
+    would otherwise fail deep inside torch."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+        raise TypeError(f"{what}: expected an int, got {x!r} ({type(x).__name__})")
+    return int(x)
+
+
+def _check_num_samples(num_samples) -> int:
+    num_samples = _check_int(num_samples, "num_samples")
+    if num_samples < 2:
+        raise ValueError(f"num_samples: {num_samples}; a covariance needs at least 2")
+    return num_samples
+
+
 def _features(extractor: Callable, batches) -> np.ndarray:
     out = []
     with torch.no_grad():
@@ -112,7 +128,15 @@ def reference_statistics(images, extractor: Callable, cache_path=None,
             if "mu" not in data or "sigma" not in data:
                 raise ValueError(f"{cache_path}: not a statistics cache (needs mu and sigma)")
             return data["mu"], data["sigma"]
-    batches = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
+    try:
+        n = len(images)
+    except TypeError:
+        raise TypeError(f"images: expected an [n, ...] tensor or array (it is sliced into "
+                        f"batches), got {type(images).__name__}") from None
+    if n < 2:
+        raise ValueError(f"images: got {n} image(s); reference statistics need at least 2 "
+                         "(a covariance)")
+    batches = [images[i:i + batch_size] for i in range(0, n, batch_size)]
     mu, sigma = feature_statistics(_features(extractor, batches))
     if cache_path is not None:
         def write(tmp):
@@ -135,8 +159,7 @@ class FIDObjective:
 
     def __init__(self, sampler: Callable, extractor: Callable, reference, num_samples: int,
                  noise_shape, seed: int = 0, batch_size: int = 256, device="cpu"):
-        if num_samples < 2:
-            raise ValueError(f"num_samples: {num_samples}; a covariance needs at least 2")
+        num_samples, seed = _check_num_samples(num_samples), _check_int(seed, "seed")
         self.sampler, self.extractor = sampler, extractor
         mu, sigma = reference
         self.mu, self.sigma = _check_statistics(mu, sigma, "reference mu", "reference sigma")
@@ -163,6 +186,7 @@ class FIDObjective:
 
     def evaluate(self, model, num_samples: int, seed: int) -> float:
         """FID with fresh noise (seed) and num_samples samples: the final evaluation."""
+        num_samples, seed = _check_num_samples(num_samples), _check_int(seed, "seed")
         return self._fid(model, self._noise(num_samples, seed))
 
 

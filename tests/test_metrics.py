@@ -3,6 +3,8 @@ FID objective with fixed noise that the search can use."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -92,6 +94,32 @@ def test_reference_statistics_are_computed_once_and_cached(tmp_path):
         metrics.reference_statistics(images, extractor, cache_path=tmp_path / "other.npz")
 
 
+@pytest.mark.parametrize("images", [torch.zeros(0, 4), torch.zeros(1, 4), []],
+                         ids=["0 images", "1 image", "empty list"])
+def test_reference_statistics_need_two_images(images, tmp_path):
+    """Fewer than 2 images give no covariance: a ValueError saying how many came, before the
+    extractor runs, and no cache."""
+    path = tmp_path / "ref.npz"
+    with pytest.raises(ValueError, match=rf"^images: got {len(images)} image\(s\); .*at least 2"):
+        metrics.reference_statistics(images, flatten, cache_path=path)
+    assert not path.exists()
+
+
+def test_reference_statistics_refuse_bad_images_and_features(tmp_path):
+    """A generator cannot be cut into batches; an extractor that drops rows or returns NaN is
+    named; nothing is cached from any of them."""
+    path = tmp_path / "ref.npz"
+    images = torch.randn(5, 4, generator=torch.Generator().manual_seed(5))
+    with pytest.raises(TypeError, match=r"^images: expected an \[n, \.\.\.\] tensor .*got "
+                                        r"generator"):
+        metrics.reference_statistics((x for x in images), flatten, cache_path=path)
+    with pytest.raises(ValueError, match=r"returned shape \(1, 4\) for 5 images"):
+        metrics.reference_statistics(images, lambda x: x[:1], cache_path=path)
+    with pytest.raises(ValueError, match=r"^features: not all finite"):
+        metrics.reference_statistics(images, lambda x: x * float("nan"), cache_path=path)
+    assert not path.exists()
+
+
 def sampler(model, noise):
     """A toy generator: images = noise * scale + shift (model holds 'scale' and 'shift')."""
     return noise * model["scale"] + model["shift"]
@@ -117,6 +145,29 @@ def test_fid_objective_uses_fixed_noise_and_evaluate_uses_other_noise():
     assert final != objective(true) and final < 0.05
     with pytest.raises(ValueError, match="num_samples"):
         metrics.FIDObjective(sampler, flatten, reference_for(scale, shift), 1, (4,))
+
+
+@pytest.mark.parametrize("value", [True, 2.5, "10", None], ids=repr)
+def test_fid_objective_refuses_counts_and_seeds_that_are_not_ints(value):
+    """num_samples and seed, in the constructor and in evaluate(): a bool, float or str is a
+    TypeError naming the argument and the value (torch's own errors name neither); numpy
+    integers are ints."""
+    reference, model = (np.zeros(4), np.eye(4)), {"scale": torch.ones(4), "shift": torch.zeros(4)}
+    got = re.escape(repr(value))
+    with pytest.raises(TypeError, match=rf"^num_samples: expected an int, got {got}"):
+        metrics.FIDObjective(sampler, flatten, reference, value, (4,))
+    with pytest.raises(TypeError, match=rf"^seed: expected an int, got {got}"):
+        metrics.FIDObjective(sampler, flatten, reference, 10, (4,), seed=value)
+    objective = metrics.FIDObjective(sampler, flatten, reference, np.int64(10), (4,),
+                                     seed=np.int32(3))
+    assert objective.noise.shape == (10, 4)
+    with pytest.raises(TypeError, match=rf"^num_samples: expected an int, got {got}"):
+        objective.evaluate(model, value, seed=1)
+    with pytest.raises(TypeError, match=rf"^seed: expected an int, got {got}"):
+        objective.evaluate(model, 10, seed=value)
+    assert objective.evaluate(model, np.int64(20), seed=np.uint8(1)) >= 0.0
+    with pytest.raises(ValueError, match=r"^num_samples: 1; a covariance needs at least 2"):
+        objective.evaluate(model, 1, seed=1)
 
 
 def test_fid_objective_refuses_features_the_reference_does_not_have():
