@@ -6,13 +6,15 @@ search can start from them and report them as baselines: the last checkpoint, th
 EMA rates of the paper's EMA* grid (App. E.5, Tab. 14) and EDM2's power-function EMA (Karras et
 al. 2024, post-hoc EMA). Every function returns a list of N Python floats computed in float64 that
 sums to 1 within 1e-12. Decays and powers are taken in log space, so rates such as 0.99999 over
-gaps of 100 steps, steps of 1e12 or exponents of 100 neither underflow nor overflow.
+gaps of 100 steps, steps of 1e12 (or of 1e400: steps are Python ints of any size) or exponents of
+100 neither underflow nor overflow.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import sys
 from collections.abc import Sequence
 
 __all__ = [
@@ -29,6 +31,9 @@ POWER_SIGMA_RELS = (0.05, 0.10)
 # (where d/dgamma log sigma_rel = 1/(g+1) - 2/(g+2) - 1/(g+3) vanishes), then falls to 0.
 _GAMMA_PEAK = (math.sqrt(5.0) - 3.0) / 2.0  # about -0.382
 _SIGMA_REL_MAX = math.sqrt((_GAMMA_PEAK + 1) / ((_GAMMA_PEAK + 2) ** 2 * (_GAMMA_PEAK + 3)))
+# Gaps between steps past the float range are taken as 2^1000 steps, which changes no result:
+# rate^gap is 0 in float64 from about 7e18 steps on for every rate < 1 (|log rate| >= 2^-53).
+_GAP_MAX = 2 ** 1000
 
 
 # ---------------------------------------------------------------- validation helpers
@@ -96,6 +101,23 @@ def _check_vector(v, what: str) -> list[float]:
     return [_check_real(x, f"{what}[{i}]") for i, x in enumerate(v)]
 
 
+def _gap(g: int) -> float:
+    """A gap of g steps as a float exponent (see _GAP_MAX)."""
+    return float(min(g, _GAP_MAX))
+
+
+def _log_ratio(num: int, den: int) -> float:
+    """log(num / den) for ints 0 < num <= den of any size. Near 1, log1p of the relative gap
+    keeps the digits that num / den would round away; far below 1, num / den would lose digits
+    under the normal floats (and be 0 under 1e-324), where the logs of the ints take over
+    (math.log takes ints of any size)."""
+    gap = (den - num) / den  # int / int: correctly rounded, and in [0, 1) here
+    if gap <= 0.5:
+        return math.log1p(-gap)
+    ratio = num / den
+    return math.log(ratio) if ratio >= sys.float_info.min else math.log(num) - math.log(den)
+
+
 def _normalised(w: list[float]) -> list[float]:
     """w / sum(w): the formulas below sum to 1 exactly in real arithmetic, so this only removes
     the float64 rounding that accumulated over N terms."""
@@ -140,10 +162,10 @@ def ema(steps: Sequence[int], rate: float) -> list[float]:
     # (1e-17 - 1 == -1.0), so the plain log of rate itself.
     log_rate = math.log1p(rate - 1.0) if rate >= 0.5 else math.log(rate)
     end = steps[-1]
-    w = [math.exp((end - steps[0]) * log_rate)]
+    w = [math.exp(_gap(end - steps[0]) * log_rate)]
     for prev, s in zip(steps, steps[1:]):
         # 1 - rate^g = -expm1(g log rate) keeps full precision when rate^g is close to 1.
-        w.append(math.exp((end - s) * log_rate) * -math.expm1((s - prev) * log_rate))
+        w.append(math.exp(_gap(end - s) * log_rate) * -math.expm1(_gap(s - prev) * log_rate))
     return _normalised(w)
 
 
@@ -213,12 +235,10 @@ def power_ema(steps: Sequence[int], gamma: float | None = None,
         if s == 0:
             w.append(0.0)  # only steps[0] can be 0: theta_0 then holds on a null set
         elif prev == 0:
-            w.append(math.exp(a * math.log(s / end)))
+            w.append(math.exp(a * _log_ratio(s, end)))
         else:
-            # (s/end)^a (1 - (prev/s)^a), each power taken from its log; log1p(-g/s) is the
-            # accurate log(prev/s) when the gap is small next to s.
-            w.append(math.exp(a * math.log(s / end))
-                     * -math.expm1(a * math.log1p(-(s - prev) / s)))
+            # (s/end)^a (1 - (prev/s)^a), each power taken from its log.
+            w.append(math.exp(a * _log_ratio(s, end)) * -math.expm1(a * _log_ratio(prev, s)))
         prev = s
     return _normalised(w)
 

@@ -146,6 +146,17 @@ def test_ema_is_accurate_over_the_whole_range_of_rates(rate):
         assert abs(Fraction(got) - want) <= bound, (i, got, float(want))
 
 
+HUGE = 10 ** 400  # a Python int far beyond float64's range
+
+
+def test_ema_steps_beyond_the_float_range():
+    """Steps are Python ints of any size: only gaps enter ema, and a gap past the float range
+    decays every rate < 1 to 0, so nothing overflows."""
+    assert C.ema([HUGE + s for s in (0, 3, 7, 10)], 0.5) == C.ema([0, 3, 7, 10], 0.5)
+    assert C.ema([1, HUGE], 0.9) == [0.0, 1.0]
+    assert C.ema([0, 10 ** 300, HUGE], 1.0 - 2.0 ** -53) == [0.0, 0.0, 1.0]
+
+
 # ---------------------------------------------------------------- power_ema
 
 @pytest.mark.parametrize("steps", STEPS[:2], ids=lambda s: f"steps={s}")
@@ -186,6 +197,20 @@ def test_power_ema_scale_invariant_without_overflow(gamma):
     large = C.power_ema([10 ** 12 * k for k in (1, 2, 3, 4)], gamma=gamma)
     assert_sums_to_one(large)
     np.testing.assert_allclose(large, small, rtol=1e-12, atol=1e-300)
+
+
+def test_power_ema_steps_beyond_the_float_range():
+    """Ratios of steps whose float quotient is 1 - 1e-17 (rounds to 1), 1e-400 (0 in float64)
+    or of ints beyond float64 are taken in logs of the ints: w_i = (s_i/S)^a - (s_{i-1}/S)^a."""
+    np.testing.assert_allclose(C.power_ema([1, 10 ** 17], gamma=1.0), [1e-34, 1.0], rtol=1e-14)
+    # a = 1/2: w_0 = (1e-400)^(1/2) = 1e-200.
+    np.testing.assert_allclose(C.power_ema([1, HUGE], gamma=-0.5), [1e-200, 1.0], rtol=1e-13)
+    assert C.power_ema([HUGE * k for k in (1, 2, 3, 4)], gamma=16.97) == pytest.approx(
+        C.power_ema([1, 2, 3, 4], gamma=16.97), rel=1e-13)
+    # The last checkpoint stands for one step in 2e400: weight 1e-400, 0 in float64.
+    w = C.power_ema([HUGE, 2 * HUGE - 1, 2 * HUGE], gamma=1.0)
+    assert_sums_to_one(w)
+    np.testing.assert_allclose(w, [0.25, 0.75, 0.0], rtol=1e-15, atol=0)
 
 
 def test_power_ema_many_checkpoints():
