@@ -248,7 +248,8 @@ def baselines(steps: Sequence[int], ema_rates: Sequence[float] = EMA_STAR_RATES,
     """The baseline coefficient vectors of LCSC's comparisons (Sec. 5, App. E.5): "last",
     "uniform", one "ema <rate>" per rate (the paper's EMA* grid by default), and one
     "power sigma_rel=<s>" per EDM2 power-function EMA width (EDM2's 0.05 and 0.10 by
-    default)."""
+    default). Each rate and width is listed once: a repeated one is refused, since its name
+    would stand for one result only."""
     steps = _check_steps(steps)
     if isinstance(ema_rates, (str, bytes)) or not isinstance(ema_rates, Sequence):
         raise TypeError(f"ema_rates: expected a sequence of EMA rates, got "
@@ -261,8 +262,12 @@ def baselines(steps: Sequence[int], ema_rates: Sequence[float] = EMA_STAR_RATES,
         if name in out:
             raise ValueError(f"ema_rates[{i}]: {rate!r} appears twice; list each rate once")
         out[name] = ema(steps, rate)
-    for sigma_rel in power_sigma_rels:
-        out[f"power sigma_rel={float(sigma_rel)!r}"] = power_ema(steps, sigma_rel=sigma_rel)
+    for i, sigma_rel in enumerate(_check_vector(power_sigma_rels, "power_sigma_rels")):
+        name = f"power sigma_rel={sigma_rel!r}"
+        if name in out:  # one name per value: a second result would replace the first
+            raise ValueError(f"power_sigma_rels[{i}]: {sigma_rel!r} appears twice; list each "
+                             "sigma_rel once")
+        out[name] = power_ema(steps, sigma_rel=sigma_rel)
     return out
 
 

@@ -273,6 +273,17 @@ def test_baselines():
         assert_sums_to_one(w)
 
 
+def test_baselines_refuse_a_repeated_power_sigma_rel():
+    """Results are keyed by name, so a repeated width would silently stand for one result;
+    it is refused as a repeated EMA rate is (numpy scalars and plain floats are the same value)."""
+    with pytest.raises(ValueError, match=r"^power_sigma_rels\[2\]: 0\.1 appears twice"):
+        C.baselines([1, 2, 3], power_sigma_rels=[0.1, 0.05, np.float64(0.1)])
+    with pytest.raises(TypeError, match=r"^power_sigma_rels:"):
+        C.baselines([1, 2, 3], power_sigma_rels=0.1)
+    b = C.baselines([1, 2, 3], ema_rates=[], power_sigma_rels=np.array([0.05, 0.1]))
+    assert list(b) == ["last", "uniform", "power sigma_rel=0.05", "power sigma_rel=0.1"]
+
+
 def test_baselines_custom_rates_use_float_repr():
     b = C.baselines([1, 2], ema_rates=[np.float64(0.5), 0], power_sigma_rels=[np.float64(0.2)])
     assert list(b) == ["last", "uniform", "ema 0.5", "ema 0.0", "power sigma_rel=0.2"]
