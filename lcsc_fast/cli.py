@@ -169,8 +169,10 @@ def _parser() -> argparse.ArgumentParser:
                         "--quick: 40)")
     p.add_argument("--budget", type=_positive_int, metavar="N",
                    help="evaluations per search (default: 1000; --quick: 64)")
-    p.add_argument("--sample-steps", type=int, choices=(1, 2), default=1,
-                   help="consistency models: 1- or 2-step sampling (default: %(default)s)")
+    p.add_argument("--sample-steps", type=int, choices=(1, 2),
+                   help="consistency models (ct, cd, ect): 1- or 2-step sampling (default: 1); "
+                        "not with --trainer dm, which samples with EDM's Heun sampler at NFE 15 "
+                        "and 9")
     p.add_argument("--lora", action="store_true",
                    help="then fine-tune the final model with LoRA (recording the adapters) and "
                         "compare LCSC over the adapters with LCSC over the full model "
@@ -372,8 +374,14 @@ def _cmd_demo(args) -> int:
         raise UsageError(f"the demo needs scikit-learn and clean-fid ({e}); "
                          "pip install 'lcsc_fast[demo]'") from None
     overrides = {"out": args.out, "trainer": args.trainer, "seed": args.seed,
-                 "sample_steps": args.sample_steps, "lora": args.lora,
-                 "progress": args.progress}
+                 "lora": args.lora, "progress": args.progress}
+    if args.sample_steps is not None:
+        # Refused even at 1: the dm demo would ignore it.
+        if args.trainer == "dm":
+            raise UsageError(f"--sample-steps {args.sample_steps}: only consistency models (ct, "
+                             "cd, ect) sample in 1 or 2 steps; --trainer dm samples with EDM's "
+                             "Heun sampler at NFE " + " and ".join(map(str, demo.DM_NFES)))
+        overrides["sample_steps"] = args.sample_steps
     for option, field in (("steps", "train_steps"), ("checkpoints", "checkpoints"),
                           ("budget", "budget"), ("lora_steps", "lora_steps")):
         if getattr(args, option) is not None:

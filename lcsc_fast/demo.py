@@ -49,7 +49,7 @@ class DemoConfig:
     budget: int = 1000  # search evaluations, per search (full run; first quarter)
     search_samples: int = 1000  # samples per FID during the search (fixed noise)
     eval_samples: int = 5000  # samples per FID in the final evaluation (other noise)
-    sample_steps: int = 1  # consistency models: 1- or 2-step sampling
+    sample_steps: int = 1  # consistency models: 1- or 2-step sampling (dm: unused, stays 1)
     lora: bool = False  # then LoRA fine-tuning of the final model, and LCSC over its adapters
     lora_steps: int = 2000
     lora_rank: int = 8
@@ -60,6 +60,13 @@ class DemoConfig:
         """ValueError naming the first setting the demo cannot run with."""
         if self.trainer not in TRAINERS:
             raise ValueError(f"trainer: {self.trainer!r} is not one of {', '.join(TRAINERS)}")
+        if self.trainer == "dm" and self.sample_steps != 1:
+            raise ValueError(f"sample_steps: {self.sample_steps!r} is for consistency models (ct, "
+                             "cd, ect); trainer dm samples with EDM's Heun sampler at NFE "
+                             f"{' and '.join(map(str, DM_NFES))}: leave sample_steps at 1")
+        if self.sample_steps not in (1, 2):
+            raise ValueError(f"sample_steps: {self.sample_steps!r}; consistency models sample in 1 "
+                             "or 2 steps")
         if self.checkpoints < 8 or self.train_steps % self.checkpoints:
             raise ValueError(f"checkpoints: {self.checkpoints} must be >= 8 and divide "
                              f"train_steps ({self.train_steps})")

@@ -82,3 +82,36 @@ def test_demo_refuses_a_folder_that_is_not_empty(tmp_path, capsys):
     assert f"{out} is not empty" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["summary.md"]
     assert (out / "summary.md").read_text() == "my own notes"
+
+
+@pytest.mark.parametrize("steps", ["1", "2"])
+def test_demo_refuses_sample_steps_with_the_dm_trainer(tmp_path, monkeypatch, capsys, steps):
+    """The dm demo samples at Heun NFE 15 and 9 whatever --sample-steps says, so the option is a
+    usage error there, even at 1 (the consistency models' default); the other trainers get it."""
+    from lcsc_fast import demo
+
+    seen = []
+    monkeypatch.setattr(demo, "run", seen.append)
+    tail = ["--out", str(tmp_path / "d"), "--no-progress"]
+    assert cli.main(["demo", "--quick", "--trainer", "dm", "--sample-steps", steps, *tail]) == 2
+    assert f"--sample-steps {steps}: only consistency models" in capsys.readouterr().err
+    assert seen == []
+    assert cli.main(["demo", "--quick", "--trainer", "dm", *tail]) == 0
+    assert cli.main(["demo", "--quick", "--trainer", "ect", "--sample-steps", steps, *tail]) == 0
+    assert [(c.trainer, c.sample_steps) for c in seen] == [("dm", 1), ("ect", int(steps))]
+    for config in seen:
+        config.check()
+
+
+@pytest.mark.parametrize("trainer,steps,match", [
+    ("dm", 2, r"^sample_steps: 2 is for consistency models .* NFE 15 and 9"),
+    ("ct", 3, r"^sample_steps: 3; consistency models sample in 1 or 2 steps"),
+], ids=["dm-2", "ct-3"])
+def test_demo_config_refuses_sample_steps_it_cannot_use(tmp_path, trainer, steps, match):
+    """Library callers of DemoConfig get the same refusal before any training (the consistency
+    sampler would raise only after it)."""
+    from lcsc_fast import demo
+
+    config = demo.DemoConfig.quick(out=str(tmp_path / "d"), trainer=trainer, sample_steps=steps)
+    with pytest.raises(ValueError, match=match):
+        config.check()
