@@ -67,6 +67,14 @@ therefore also made round by round, in alternation: the batched op and the 8 sin
 (the ratio is reported from the minima and as the median over rounds), and the MergePlan merge
 against the read probe over the bandwidth buffer (the merge's share of the read bandwidth of
 the same round, median over R rounds).
+
+Traffic yardstick (CPU). In the same rounds as the population ops, lcsc_fast._C.traffic_probe
+reads the population's sources and writes K outputs, then one: the same bytes as the batched op
+and as one single merge, with no merge arithmetic, each thread reading one 64-byte line of every
+source in turn. It shows how fast those bytes can move in that one simple pattern at that
+moment: an op that takes several times its probe's time is not limited by its bytes. It is no
+upper bound: with many sources the engine's tiled reads (a few KiB of one source at a time)
+beat its line-by-line pattern.
 """
 
 from __future__ import annotations
@@ -80,6 +88,7 @@ import statistics
 import sys
 import tempfile
 import time
+from array import array
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -675,9 +684,14 @@ def run_population(d: MergeData, repeats: int) -> dict:
             continue
         result[label] = {"status": "ok", "max_abs_err": check.max_abs_err, "tol": check.tol}
         timed[label] = fn
-    # Timed in alternation (batched, then the singles, each round), so that both see the same
-    # memory bandwidth: the ratio is what the target is about.
-    for label, seconds in time_alternating(timed, repeats, sync).items():
+    probes = traffic_probes(d, outs) if len(timed) == 2 else {}
+    # Timed in alternation (batched, then the singles, then the traffic probes, each round), so
+    # that all see the same memory bandwidth: the ratio is what the target is about.
+    for label, seconds in time_alternating({**timed, **probes}, repeats, sync).items():
+        if label in probes:
+            result.setdefault("traffic", {})[label] = {
+                "seconds": seconds, "min_s": min(seconds), "median_s": statistics.median(seconds)}
+            continue
         result[label].update(seconds=seconds, min_s=min(seconds),
                              median_s=statistics.median(seconds),
                              candidates_per_s=POPULATION_K / min(seconds))
@@ -696,8 +710,34 @@ def run_population(d: MergeData, repeats: int) -> dict:
             result["fma_peak_lanes_per_s"] = lcsc_fast._C.fma_probe(torch.get_num_threads())
         out_nbytes = POPULATION_K * d.params * 4
         result["batched"]["traffic_gbps"] = (d.source_nbytes + out_nbytes) / batched_s / 1e9
+    if "traffic" in result:
+        # Per round: the ratio the probe's byte-only passes give, and how many times its time
+        # each op takes (the singles per merge against one output's).
+        t = result["traffic"]
+        k_s, one_s = t["outputs_k"]["seconds"], t["outputs_1"]["seconds"]
+        t["ratio_median"] = statistics.median(
+            POPULATION_K * o / k for o, k in zip(one_s, k_s))
+        t["batched_x_median"] = statistics.median(
+            b / k for b, k in zip(result["batched"]["seconds"], k_s))
+        t["single_x_median"] = statistics.median(
+            s / POPULATION_K / o for s, o in zip(result["singles"]["seconds"], one_s))
     del outs
     return result
+
+
+def traffic_probes(d: MergeData, outs: list[torch.Tensor]) -> dict:
+    """lcsc_fast._C.traffic_probe over the population's sources into all K outputs and into
+    one: the same bytes read and written as the batched op and as one single merge, with no
+    merge arithmetic (a yardstick, not a bound; CPU builds that have it; writes junk into
+    outs)."""
+    probe = getattr(lcsc_fast._C, "traffic_probe", None)
+    if probe is None or d.cfg.device.type != "cpu":
+        return {}
+    srcs = array("Q", (f.data_ptr() for f in d.flats))
+    out_ptrs = array("Q", (o.data_ptr() for o in outs))
+    size, threads = d.flats[0].element_size(), torch.get_num_threads()
+    return {"outputs_k": lambda: probe(srcs, size, out_ptrs, d.params, threads),
+            "outputs_1": lambda: probe(srcs, size, out_ptrs[:1], d.params, threads)}
 
 
 # ---------------------------------------------------------------- output
@@ -784,6 +824,14 @@ def print_population(p: dict) -> None:
             limits += f" of {peak / 1e9:.1f} G probed ({100 * b['fma_lanes_per_s'] / peak:.0f}%)"
         limits += f"; {b['traffic_gbps']:.1f} GB/s read + written"
         print(limits)
+    if "traffic" in p:
+        t = p["traffic"]
+        print(f"  traffic-only probe of the same bytes (no arithmetic), same rounds: "
+              f"{fmt_seconds(t['outputs_k']['min_s'])} s for K outputs, "
+              f"{fmt_seconds(t['outputs_1']['min_s'])} s for one (ratio "
+              f"{t['ratio_median']:.2f}x); batched takes "
+              f"{t['batched_x_median']:.2f}x its probe's time, a single merge "
+              f"{t['single_x_median']:.2f}x (medians)")
 
 
 # ---------------------------------------------------------------- main

@@ -212,6 +212,22 @@ PYBIND11_MODULE(_C, m) {
       "Read nbytes at ptr with num_threads threads; returns a checksum (a bandwidth probe).");
 
   m.def(
+      "traffic_probe",
+      [](const py::buffer& srcs_, int64_t elem_nbytes, const py::buffer& outs_, int64_t numel,
+         int num_threads) {
+        const py::buffer_info srcs = srcs_.request(), outs = outs_.request();
+        const auto* s = table<uint64_t>(srcs, srcs.size, "srcs");
+        const auto* o = table<uint64_t>(outs, outs.size, "outs");
+        if (numel < 0) throw std::invalid_argument("traffic_probe: numel must be >= 0");
+        py::gil_scoped_release release;
+        lcsc::traffic_probe(reinterpret_cast<const void* const*>(s), srcs.size, elem_nbytes,
+                            reinterpret_cast<void* const*>(o), outs.size, numel, num_threads);
+      },
+      "Read numel elements (elem_nbytes each) of every source and write numel float32 words to "
+      "every output (uint64 pointer buffers), with no merge arithmetic: a merge's memory "
+      "traffic alone.");
+
+  m.def(
       "fma_probe",
       [](int num_threads) {
         py::gil_scoped_release release;

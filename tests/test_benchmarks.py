@@ -63,6 +63,16 @@ def test_merge_throughput_quick(device, tmp_path):
             singles["min_s"] / batched["min_s"])
         assert pop["paired_ratio_median"] == pytest.approx(statistics.median(
             s / b for s, b in zip(singles["seconds"], batched["seconds"])))
+        if device != "cpu":
+            assert "traffic" not in pop  # the traffic probe is a CPU one
+            continue
+        traffic = pop["traffic"]  # timed in the same rounds as the ops
+        k_s, one_s = traffic["outputs_k"]["seconds"], traffic["outputs_1"]["seconds"]
+        assert len(k_s) == len(one_s) == args["repeats"]
+        assert traffic["ratio_median"] == pytest.approx(statistics.median(
+            pop["k"] * o / k for o, k in zip(one_s, k_s)))
+        assert traffic["batched_x_median"] == pytest.approx(statistics.median(
+            b / k for b, k in zip(batched["seconds"], k_s)))
 
 
 @pytest.mark.parametrize("device", device_params())

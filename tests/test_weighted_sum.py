@@ -207,6 +207,36 @@ def test_batched_large_equals_single(restore_threads):
         assert_bitwise_equal(outs[row], single, f"outs[{row}]")
 
 
+# ---------------------------------------------------------------- the traffic probe
+
+@pytest.mark.parametrize("level", param("simd", ("scalar", *SIMD_LEVELS)))
+@pytest.mark.parametrize("src_kind", param("src", ("fp32", "bf16")))
+def test_traffic_probe_reads_and_writes_the_bytes_of_a_merge(restore_simd, level, src_kind):
+    """_C.traffic_probe (the benchmarks' traffic-only yardstick) writes every element of every
+    output and nothing past them, at every SIMD level; with float32 sources each element is the
+    plain float32 sum of the sources' elements, so every source element was read."""
+    use_simd_level(level)
+    g = generator("traffic-probe", level, src_kind)
+    dtype = DTYPES[src_kind]
+    numel, n, k = 3 * 1024 + 37, 5, 3
+    sources = [randn(numel, dtype, g) for _ in range(n)]
+    canvas = nan_like(k * (numel + 64), torch.float32)
+    outs = [canvas[r * (numel + 64):r * (numel + 64) + numel] for r in range(k)]
+    ptrs = lambda ts: np.array([t.data_ptr() for t in ts], dtype=np.uint64)  # noqa: E731
+    lcsc_fast._C.traffic_probe(ptrs(sources), dtype.itemsize, ptrs(outs), numel, 2)
+    expected = torch.zeros(numel)
+    for s in sources:
+        expected = expected + s.float()
+    for r, out in enumerate(outs):
+        if src_kind == "fp32":
+            assert_bitwise_equal(out, expected, f"outs[{r}]")
+        else:  # 16-bit pairs read as float32 words: finite values, not the sums
+            assert torch.isfinite(out).all()
+        assert torch.isnan(canvas[r * (numel + 64) + numel:(r + 1) * (numel + 64)]).all()
+    with pytest.raises(ValueError, match="elem_nbytes must be 2 or 4"):
+        lcsc_fast._C.traffic_probe(ptrs(sources), 3, ptrs(outs), numel, 1)
+
+
 # ---------------------------------------------------------------- exact aliasing
 
 def _mixed_sources(numel, n, g, device):

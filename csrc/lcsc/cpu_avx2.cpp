@@ -78,6 +78,9 @@ lcsc::cpu::TileFn lcsc::cpu::avx2_tile() { return &lcsc_cpu_tile::Tile<Avx2>::ru
 lcsc::cpu::FmaProbeFn lcsc::cpu::avx2_fma_probe() {
   return &lcsc_cpu_tile::Tile<Avx2>::fma_probe;
 }
+lcsc::cpu::TrafficFn lcsc::cpu::avx2_traffic() {
+  return &lcsc_cpu_tile::Tile<Avx2>::traffic;
+}
 
 // 6 rows x 16 columns: twelve accumulators, two A vectors and a broadcast in sixteen registers.
 lcsc::cpu::LoraKernel lcsc::cpu::avx2_lora() {

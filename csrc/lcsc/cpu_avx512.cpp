@@ -77,6 +77,9 @@ lcsc::cpu::TileFn lcsc::cpu::avx512_tile() { return &lcsc_cpu_tile::Tile<Avx512>
 lcsc::cpu::FmaProbeFn lcsc::cpu::avx512_fma_probe() {
   return &lcsc_cpu_tile::Tile<Avx512>::fma_probe;
 }
+lcsc::cpu::TrafficFn lcsc::cpu::avx512_traffic() {
+  return &lcsc_cpu_tile::Tile<Avx512>::traffic;
+}
 
 // 12 rows x 32 columns: 24 accumulators, two A vectors and broadcasts in 32 registers; a
 // 192-rank panel of A (192 x 32 floats, 24 KiB) stays in a 32-48 KiB L1 while the rows sweep it.

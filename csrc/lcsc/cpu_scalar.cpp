@@ -29,6 +29,9 @@ lcsc::cpu::TileFn lcsc::cpu::scalar_tile() { return &lcsc_cpu_tile::Tile<Scalar>
 lcsc::cpu::FmaProbeFn lcsc::cpu::scalar_fma_probe() {
   return &lcsc_cpu_tile::Tile<Scalar>::fma_probe;
 }
+lcsc::cpu::TrafficFn lcsc::cpu::scalar_traffic() {
+  return &lcsc_cpu_tile::Tile<Scalar>::traffic;
+}
 
 // 4 x 4 floats: sixteen accumulators fit the sixteen SSE registers of x86-64's baseline.
 lcsc::cpu::LoraKernel lcsc::cpu::scalar_lora() {

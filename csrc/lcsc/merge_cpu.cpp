@@ -61,15 +61,18 @@ int current_level() {
 struct Kernels {
   cpu::TileFn tile;
   cpu::FmaProbeFn fma_probe;
+  cpu::TrafficFn traffic;
 };
 
 Kernels kernels(int level) {
 #if defined(LCSC_X86_DISPATCH)
-  if (level == kAvx512) return {cpu::avx512_tile(), cpu::avx512_fma_probe()};
-  if (level == kAvx2) return {cpu::avx2_tile(), cpu::avx2_fma_probe()};
+  if (level == kAvx512) {
+    return {cpu::avx512_tile(), cpu::avx512_fma_probe(), cpu::avx512_traffic()};
+  }
+  if (level == kAvx2) return {cpu::avx2_tile(), cpu::avx2_fma_probe(), cpu::avx2_traffic()};
 #endif
   (void)level;
-  return {cpu::scalar_tile(), cpu::scalar_fma_probe()};
+  return {cpu::scalar_tile(), cpu::scalar_fma_probe(), cpu::scalar_traffic()};
 }
 
 constexpr int64_t kStreamingStoreNbytes = int64_t{64} << 20;
@@ -285,6 +288,31 @@ uint64_t read_probe(const void* p, int64_t nbytes, int num_threads) {
 #endif
   for (int64_t i = 0; i < n; ++i) sum += words[i];
   return sum;
+}
+
+void traffic_probe(const void* const* srcs, int64_t num_sources, int64_t elem_nbytes,
+                   void* const* outs, int64_t num_outputs, int64_t numel, int num_threads) {
+  if (elem_nbytes != 2 && elem_nbytes != 4) {
+    throw std::invalid_argument("traffic_probe: elem_nbytes must be 2 or 4");
+  }
+  const cpu::TrafficFn run = kernels(current_level()).traffic;
+  const int64_t per_block = 64 / elem_nbytes, blocks = numel / per_block;
+  bool stream = true;  // 64-byte-aligned outputs suit every level's streaming stores
+  for (int64_t k = 0; k < num_outputs; ++k) {
+    stream = stream && reinterpret_cast<uintptr_t>(outs[k]) % 64 == 0;
+  }
+  const int threads = std::max(num_threads, 1);
+  run_tiles(threads, threads, Schedule::kStatic, false, stream, [&](int64_t g, int) {
+    run(srcs, num_sources, elem_nbytes, outs, num_outputs, blocks * g / threads,
+        blocks * (g + 1) / threads, stream);
+  });
+  for (int64_t e = blocks * per_block; e < numel; ++e) {  // the last partial block
+    float sum = 0.f;
+    for (int64_t i = 0; i < num_sources; ++i) {
+      sum += load_as_float(srcs[i], e, elem_nbytes == 4 ? kFloat32 : kBFloat16);
+    }
+    for (int64_t k = 0; k < num_outputs; ++k) static_cast<float*>(outs[k])[e] = sum;
+  }
 }
 
 }  // namespace lcsc

@@ -35,6 +35,14 @@ FmaProbeFn scalar_fma_probe();
 FmaProbeFn avx2_fma_probe();
 FmaProbeFn avx512_fma_probe();
 
+// The traffic probe's (merge.h) blocks [b0, b1) of 64 bytes of every source.
+using TrafficFn = void (*)(const void* const* srcs, int64_t num_sources, int64_t elem_nbytes,
+                           void* const* outs, int64_t num_outputs, int64_t b0, int64_t b1,
+                           bool stream);
+TrafficFn scalar_traffic();
+TrafficFn avx2_traffic();
+TrafficFn avx512_traffic();
+
 }  // namespace lcsc::cpu
 
 namespace lcsc_cpu_tile {
@@ -228,6 +236,34 @@ struct Tile {
       *sink += buf[0];
     }
     return iterations * kChains * W;
+  }
+
+  // The traffic probe: blocks [b0, b1) of 64 bytes of every source, read as vectors and added
+  // up; block b of each output, its 64 / elem_nbytes float32 elements from b * 64 / elem_nbytes
+  // on, gets the sums. Only the bytes moved matter, not the values.
+  static void traffic(const void* const* srcs, int64_t N, int64_t elem_nbytes,
+                      void* const* outs, int64_t K, int64_t b0, int64_t b1, bool stream) {
+    constexpr int64_t kIn = W < 16 ? 16 / W : 1;  // vectors per 64-byte block
+    const int64_t per_block = 64 / elem_nbytes;
+    for (int64_t b = b0; b < b1; ++b) {
+      Reg sum[kIn];
+      for (int64_t v = 0; v < kIn; ++v) sum[v] = V::zero();
+      for (int64_t i = 0; i < N; ++i) {
+        for (int64_t v = 0; v < kIn; ++v) {
+          sum[v] = V::add(sum[v], V::template load<kFloat32>(srcs[i], b * 16 + v * W));
+        }
+      }
+      for (int64_t k = 0; k < K; ++k) {
+        for (int64_t e = 0; e < per_block; e += W) {
+          const Reg x = sum[(e / W) % kIn];
+          if (stream) {
+            V::template store<kFloat32, true>(outs[k], b * per_block + e, x);
+          } else {
+            V::template store<kFloat32>(outs[k], b * per_block + e, x);
+          }
+        }
+      }
+    }
   }
 
   // Elements [begin, begin + len) of tensor t, every output; acc is K * tile floats of scratch.
