@@ -73,13 +73,13 @@ double fma_probe(int num_threads);
 // measure the streaming read bandwidth the merge kernels compete against.
 uint64_t read_probe(const void* p, int64_t nbytes, int num_threads);
 
-// The memory traffic of a merge and nothing else: reads numel elements of elem_nbytes bytes
-// from each of the num_sources sources and writes numel float32 words to each of the
-// num_outputs outputs (non-temporal stores where 16-byte aligned), every source and output in
-// one sequential run per thread, with no arithmetic beyond adding up the vectors read and writing
-// the sums. Benchmarks time it beside a merge of the same sizes: the time a merge could take if
-// only its bytes limited it, on this machine, at that moment.
+// The memory traffic of a merge with no merge arithmetic: reads numel elements of elem_nbytes
+// bytes from each of the num_sources sources and writes numel float32 words to each of the
+// num_outputs outputs (non-temporal stores where the outputs are 64-byte aligned). Each thread
+// takes a contiguous range and reads one 64-byte line of every source in turn, adds the lines
+// up as floats and writes the sums. Benchmarks time it beside a merge of the same sizes, as a
+// yardstick of how fast those bytes move in that pattern on this machine at that moment.
 void traffic_probe(const void* const* srcs, int64_t num_sources, int64_t elem_nbytes,
-                       void* const* outs, int64_t num_outputs, int64_t numel, int num_threads);
+                   void* const* outs, int64_t num_outputs, int64_t numel, int num_threads);
 
 }  // namespace lcsc
