@@ -207,6 +207,31 @@ def test_batched_large_equals_single(restore_threads):
         assert_bitwise_equal(outs[row], single, f"outs[{row}]")
 
 
+@pytest.mark.parametrize("k", param("K", (3, 7, 9, 13)))
+@pytest.mark.parametrize("src_kind", param("src", ("fp32", "bf16", "mixed")))
+@pytest.mark.parametrize("level", param("simd", ("scalar", *SIMD_LEVELS)))
+def test_batched_source_groups_and_output_groups(restore_simd, level, src_kind, k):
+    """A batch streams its sources in groups (about 170 fp32 or 136 bf16 sources a group) and
+    keeps its outputs in groups of 8, then 4, 2 and 1: with N = 300 and K = 3, 7, 9, 13 every
+    kind of group boundary, plus partial vectors and a scalar tail, is crossed. Each row is
+    bitwise the single merge of its coefficients, at every SIMD level."""
+    use_simd_level(level)
+    g = generator("batched-groups", level, src_kind, k)
+    numel, n = 2 * 960 + 3 * 16 + 7, 300
+    sources, _, _ = pooled_sources(numel, n, src_kind, g)
+    coeffs = [fp32_coeffs(n, g) for _ in range(k)]
+    base = randn(numel, torch.bfloat16, g)
+    outs = [nan_like(numel, torch.float32) for _ in range(k)]
+    lcsc_fast.weighted_sum_batched(outs, sources, coeffs, base=base)
+    refs = reference.weighted_sum_batched(sources, coeffs, base)
+    for row in range(k):
+        single = lcsc_fast.weighted_sum(nan_like(numel, torch.float32), sources, coeffs[row],
+                                        base=base)
+        assert_bitwise_equal(outs[row], single, f"outs[{row}]")
+    assert_within_torch_error(
+        outs[-1], torch_weighted_sum(torch.float32, sources, coeffs[-1], base), refs[-1])
+
+
 # ---------------------------------------------------------------- the traffic probe
 
 @pytest.mark.parametrize("level", param("simd", ("scalar", *SIMD_LEVELS)))

@@ -15,6 +15,7 @@ using lcsc::kFloat32;
 struct Avx2 {
   using Reg = __m256;
   static constexpr int64_t kWidth = 8;
+  static constexpr int kAccRegs = 12;  // a batch's accumulators: 12 of the 16 registers
   static constexpr bool kPairs = false;
 
   template <int32_t D>

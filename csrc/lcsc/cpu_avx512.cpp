@@ -15,7 +15,8 @@ using lcsc::kFloat32;
 struct Avx512 {
   using Reg = __m512;
   static constexpr int64_t kWidth = 16;
-  static constexpr bool kPairs = true;  // two vectors per step (needs 2G+3 registers)
+  static constexpr int kAccRegs = 24;  // a batch's accumulators: 24 of the 32 registers
+  static constexpr bool kPairs = true;  // a single merge does two vectors per step
 
   template <int32_t D>
   static __m512 load(const void* p, int64_t i) {

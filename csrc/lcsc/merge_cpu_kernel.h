@@ -1,11 +1,17 @@
 // The CPU merge algorithm, written once over a vector-ops type V (Scalar, Avx2, Avx512) and
-// compiled in one translation unit per SIMD level (cpu_<level>.cpp).
+// compiled in one translation unit per SIMD level (cpu_<level>.cpp). Work is split into tiles:
+// up to job.tile elements of one tensor. Two tile kernels share the per-element math, so a
+// single merge and a batch give bitwise identical outputs:
 //
-// Work is split into tiles of up to `tile` elements of one tensor. For each tile, sources are
-// streamed in groups of eight: eight vectors are loaded and converted to float once, then
-// folded into every output's float32 accumulator row (K rows of `tile` floats, in L1/L2), so
-// each source element is read from memory once however many outputs there are. The base is
-// added and the result rounded to the output dtype when the tile is finished.
+// - One output (a single merge, which only memory bandwidth limits). Sources are streamed in
+//   groups of eight, each over the whole tile, folded into one float32 accumulator row in L1;
+//   the next group's stretch is prefetched meanwhile. Long runs per source keep DRAM busy.
+// - K >= 2 outputs (a population batch, K fmas per source element, which has to be compute
+//   efficient too). Up to 8 outputs x C vectors of accumulators stay in registers while the
+//   sources of a group stream through: each source vector is loaded once and feeds 8 x C fmas
+//   with no accumulator traffic. The tile is short (2 KiB of each source), so that a group's
+//   stretch of every source fits in L2, and the next group's (or the next tile's) stretch is
+//   prefetched into L2 one source after the other, in sequential runs, while this one computes.
 //
 // Each SIMD level defines its V in an anonymous namespace, so Tile<V> and the helpers of
 // elementwise.h get internal linkage and no level's code can leak into another's.
@@ -20,10 +26,23 @@
 
 namespace lcsc::cpu {
 
-// One tile: elements [begin, begin + len) of tensor t for every output, with K * tile floats
-// of scratch, rows `stride` floats apart.
-using TileFn = void (*)(const MergeArgs&, int64_t t, int64_t begin, int64_t len, float* acc,
-                        int64_t stride, bool stream);
+// What every tile of one merge shares.
+struct Job {
+  const MergeArgs* args;
+  const float* coeffs_by_source;  // [N, K]: coeffs[k*N + i] at [i*K + k]
+  int64_t tile;                   // elements per tile; scratch rows are this many floats apart
+  int64_t group;                  // sources per pass over a tile (batches)
+  bool stream;                    // non-temporal output stores where aligned
+};
+
+// Elements [begin, begin + len) of tensor t; len 0: none.
+struct Span {
+  int64_t t = 0, begin = 0, len = 0;
+};
+
+// Runs tile `tile` for every output, with K * job.tile floats of scratch; `next` is the tile
+// this worker runs after it (prefetched by batches).
+using TileFn = void (*)(const Job&, const Span& tile, const Span& next, float* scratch);
 TileFn scalar_tile();
 TileFn avx2_tile();    // x86-64 builds only
 TileFn avx512_tile();  // x86-64 builds only
@@ -51,9 +70,57 @@ using lcsc::kBFloat16;
 using lcsc::kFloat16;
 using lcsc::kFloat32;
 using lcsc::MergeArgs;
+using lcsc::cpu::Job;
+using lcsc::cpu::Span;
 
 constexpr int32_t kMixed = -1;  // sources of a group with different dtypes
 constexpr int32_t kNoBase = -1;
+
+// Prefetches the lines of some sources' stretch of a span into L2, source after source, a few
+// lines per step, so that they arrive in long sequential runs spread over the steps of the
+// computation they overlap with.
+class Prefetcher {
+ public:
+  Prefetcher() = default;
+  // Sources [u0, u1) of span s; `steps` calls to step() should cover them.
+  Prefetcher(const MergeArgs& a, const Span& s, int64_t u0, int64_t u1, int64_t steps)
+      : srcs_(a.srcs + s.t * a.num_sources), dtypes_(a.src_dtypes + s.t * a.num_sources),
+        u_(u0), u_end_(u1), begin_(s.begin), len_(s.len) {
+    if (s.len <= 0 || u0 >= u1) return;
+    const int64_t lines = (u1 - u0) * (s.len * lcsc::dtype_nbytes(dtypes_[u0]) / 64 + 2);
+    per_step_ = (lines + steps - 1) / std::max<int64_t>(steps, 1);
+    start_source();
+  }
+
+  void step() {
+    for (int64_t i = 0; i < per_step_; ++i) {
+      if (p_ >= end_) {
+        if (++u_ >= u_end_) {
+          per_step_ = 0;
+          return;
+        }
+        start_source();
+      }
+      __builtin_prefetch(p_, 0, 2);
+      p_ += 64;
+    }
+  }
+
+ private:
+  void start_source() {
+    const int64_t nbytes = lcsc::dtype_nbytes(dtypes_[u_]);
+    const char* s = static_cast<const char*>(srcs_[u_]);
+    p_ = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(s + begin_ * nbytes) &
+                                       ~uintptr_t{63});
+    end_ = s + (begin_ + len_) * nbytes;
+  }
+
+  const void* const* srcs_ = nullptr;
+  const int32_t* dtypes_ = nullptr;
+  int64_t u_ = 0, u_end_ = 0, begin_ = 0, len_ = 0, per_step_ = 0;
+  const char* p_ = nullptr;
+  const char* end_ = nullptr;
+};
 
 template <class V>
 struct Tile {
@@ -68,99 +135,69 @@ struct Tile {
     }
   }
 
-  // acc[k][j] += sum_{u<G} coeffs[k*N + u] * src[u][begin + j], one fma at a time in u order.
-  // While it runs, the same elements of the next group's sources (next[0..num_next)) are
-  // prefetched: a tile's stretch of one source is only a few KiB, too short for the hardware
-  // prefetcher to ramp up on its own.
+  template <int32_t D>
+  static Reg load_src(const void* const* src, const int32_t* dtypes, int64_t u, int64_t i) {
+    if constexpr (D == kMixed) return load_any(src[u], i, dtypes[u]);
+    return V::template load<D>(src[u], i);
+  }
+
+  // ---------------------------------------------------------------- one output
+
+  // acc[j] += sum_{u<G} coeffs[u] * src[u][begin + j], one fma at a time in u order. While it
+  // runs, the same elements of the next group's sources (next[0..num_next)) are prefetched: a
+  // tile's stretch of one source is too short for the hardware prefetcher to ramp up on its own.
   template <int G, int32_t D>
   static void accumulate_group(const void* const* src, const int32_t* dtypes,
-                               const float* coeffs, int64_t N, int64_t K, int64_t begin,
-                               int64_t len, float* acc, int64_t stride, const void* const* next,
-                               const int32_t* next_dtypes, int num_next) {
+                               const float* coeffs, int64_t begin, int64_t len, float* acc,
+                               const void* const* next, const int32_t* next_dtypes,
+                               int num_next) {
     auto prefetch_next = [&](int64_t j) {
       for (int u = 0; u < num_next; ++u) {
         __builtin_prefetch(static_cast<const char*>(next[u]) +
                            (begin + j) * lcsc::dtype_nbytes(next_dtypes[u]));
       }
     };
-    auto load = [&](int u, int64_t j) {
-      return D == kMixed ? load_any(src[u], begin + j, dtypes[u])
-                         : V::template load<D>(src[u], begin + j);
-    };
     int64_t j = 0;
     // Two vectors at a time where registers allow (V::kPairs): each broadcast coefficient then
-    // feeds two fmas, halving the loads that compete with the sources for the load ports.
+    // feeds two fmas.
     if constexpr (V::kPairs) {
       for (; j + 2 * W <= len; j += 2 * W) {
         prefetch_next(j);
-        Reg s0[G], s1[G];
-        for (int u = 0; u < G; ++u) s0[u] = load(u, j), s1[u] = load(u, j + W);
-        int64_t k = 0;
-        for (; k + 2 <= K; k += 2) {  // two outputs interleaved: four independent fma chains
-          float* a = acc + k * stride + j;
-          float* b = a + stride;
-          const float* ca = coeffs + k * N;
-          const float* cb = ca + N;
-          Reg r0 = V::load_acc(a), r1 = V::load_acc(a + W);
-          Reg r2 = V::load_acc(b), r3 = V::load_acc(b + W);
-          for (int u = 0; u < G; ++u) {
-            const Reg cu = V::broadcast(ca[u]), cv = V::broadcast(cb[u]);
-            r0 = V::fma(cu, s0[u], r0);
-            r1 = V::fma(cu, s1[u], r1);
-            r2 = V::fma(cv, s0[u], r2);
-            r3 = V::fma(cv, s1[u], r3);
-          }
-          V::store_acc(a, r0);
-          V::store_acc(a + W, r1);
-          V::store_acc(b, r2);
-          V::store_acc(b + W, r3);
+        Reg r0 = V::load_acc(acc + j), r1 = V::load_acc(acc + j + W);
+        for (int u = 0; u < G; ++u) {
+          const Reg c = V::broadcast(coeffs[u]);
+          r0 = V::fma(c, load_src<D>(src, dtypes, u, begin + j), r0);
+          r1 = V::fma(c, load_src<D>(src, dtypes, u, begin + j + W), r1);
         }
-        for (; k < K; ++k) {
-          float* a = acc + k * stride + j;
-          const float* c = coeffs + k * N;
-          Reg r0 = V::load_acc(a), r1 = V::load_acc(a + W);
-          for (int u = 0; u < G; ++u) {
-            const Reg cu = V::broadcast(c[u]);
-            r0 = V::fma(cu, s0[u], r0);
-            r1 = V::fma(cu, s1[u], r1);
-          }
-          V::store_acc(a, r0);
-          V::store_acc(a + W, r1);
-        }
+        V::store_acc(acc + j, r0);
+        V::store_acc(acc + j + W, r1);
       }
     }
     for (; j + W <= len; j += W) {
       prefetch_next(j);
-      Reg s[G];
-      for (int u = 0; u < G; ++u) s[u] = load(u, j);
-      for (int64_t k = 0; k < K; ++k) {
-        float* a = acc + k * stride + j;
-        const float* c = coeffs + k * N;
-        Reg r = V::load_acc(a);
-        for (int u = 0; u < G; ++u) r = V::fma(V::broadcast(c[u]), s[u], r);
-        V::store_acc(a, r);
+      Reg r = V::load_acc(acc + j);
+      for (int u = 0; u < G; ++u) {
+        r = V::fma(V::broadcast(coeffs[u]), load_src<D>(src, dtypes, u, begin + j), r);
       }
+      V::store_acc(acc + j, r);
     }
     for (; j < len; ++j) {  // the tail: the same math one element at a time
-      float s[G];
-      for (int u = 0; u < G; ++u) s[u] = lcsc::load_as_float(src[u], begin + j, dtypes[u]);
-      for (int64_t k = 0; k < K; ++k) {
-        float r = acc[k * stride + j];
-        for (int u = 0; u < G; ++u) r = lcsc::accumulate(r, coeffs[k * N + u], s[u]);
-        acc[k * stride + j] = r;
+      float r = acc[j];
+      for (int u = 0; u < G; ++u) {
+        r = lcsc::accumulate(r, coeffs[u], lcsc::load_as_float(src[u], begin + j, dtypes[u]));
       }
+      acc[j] = r;
     }
   }
 
   template <int G>
   static void group(const void* const* src, const int32_t* dtypes, const float* coeffs,
-                    int64_t N, int64_t K, int64_t begin, int64_t len, float* acc, int64_t stride,
-                    int num_next) {
+                    int64_t begin, int64_t len, float* acc, int num_next) {
     const int32_t d = dtypes[0];
     bool uniform = true;
     for (int u = 1; u < G; ++u) uniform = uniform && dtypes[u] == d;
-    const auto args = std::make_tuple(src, dtypes, coeffs, N, K, begin, len, acc, stride,
-                                      src + G, dtypes + G, num_next);
+    const auto args = std::make_tuple(src, dtypes, coeffs, begin, len, acc, src + G,
+                                      dtypes + G, num_next);
     if (!uniform) return std::apply(accumulate_group<G, kMixed>, args);
     switch (d) {
       case kBFloat16: return std::apply(accumulate_group<G, kBFloat16>, args);
@@ -169,58 +206,214 @@ struct Tile {
     }
   }
 
-  // outs[k][begin + j] = round(base[begin + j] + acc[k][j]); the base is read once per element
-  // before any output is written, so an output may alias the base.
+  static void single(const Job& job, const Span& s, float* acc) {
+    const MergeArgs& a = *job.args;
+    const int64_t N = a.num_sources;
+    std::fill_n(acc, s.len, 0.f);
+    const void* const* src = a.srcs + s.t * N;
+    const int32_t* dtypes = a.src_dtypes + s.t * N;
+    int64_t i = 0;
+    auto next_count = [N](int64_t after) { return int(std::min<int64_t>(8, N - after)); };
+    for (; i + 8 <= N; i += 8) {
+      group<8>(src + i, dtypes + i, a.coeffs + i, s.begin, s.len, acc, next_count(i + 8));
+    }
+    if (i + 4 <= N) {
+      group<4>(src + i, dtypes + i, a.coeffs + i, s.begin, s.len, acc, next_count(i + 4));
+      i += 4;
+    }
+    for (; i < N; ++i) {
+      group<1>(src + i, dtypes + i, a.coeffs + i, s.begin, s.len, acc, next_count(i + 1));
+    }
+    finish(a, s.t, s.begin, s.len, acc, job.tile, 1, job.stream);
+  }
+
+  // ---------------------------------------------------------------- K >= 2 outputs
+
+  // Elements [e, e + C*W) of tensor t, outputs [k0, k0 + KB), sources [u0, u1): the KB x C
+  // accumulators start from zero (first) or from acc, and end in acc (rows ld floats apart).
+  template <int KB, int C, int32_t D>
+  static void accumulate(const Job& job, int64_t t, int64_t e, int64_t k0, int64_t u0,
+                         int64_t u1, bool first, float* acc, int64_t ld, Prefetcher* pf) {
+    const MergeArgs& a = *job.args;
+    const int64_t N = a.num_sources, K = a.num_outputs;
+    const void* const* src = a.srcs + t * N;
+    const int32_t* dtypes = a.src_dtypes + t * N;
+    Reg r[KB][C];
+    for (int kk = 0; kk < KB; ++kk) {
+      for (int c = 0; c < C; ++c) r[kk][c] = first ? V::zero() : V::load_acc(acc + kk * ld + c * W);
+    }
+    for (int64_t u = u0; u < u1; ++u) {
+      if (pf) pf->step();
+      Reg s[C];
+      for (int c = 0; c < C; ++c) s[c] = load_src<D>(src, dtypes, u, e + c * W);
+      const float* cu = job.coeffs_by_source + u * K + k0;
+      for (int kk = 0; kk < KB; ++kk) {
+        const Reg b = V::broadcast(cu[kk]);
+        for (int c = 0; c < C; ++c) r[kk][c] = V::fma(b, s[c], r[kk][c]);
+      }
+    }
+    for (int kk = 0; kk < KB; ++kk) {
+      for (int c = 0; c < C; ++c) V::store_acc(acc + kk * ld + c * W, r[kk][c]);
+    }
+  }
+
+  // Elements [e, e + C*W), sources [u0, u1), every output: in groups of KB0 outputs, then the
+  // rest in groups of 4, 2 and 1, all at the same C.
+  template <int KB0, int C, int32_t D>
+  static void chunk(const Job& job, int64_t t, int64_t e, int64_t u0, int64_t u1, bool first,
+                    float* acc, Prefetcher* pf) {
+    const int64_t K = job.args->num_outputs, ld = job.tile;
+    int64_t k = 0;
+    for (; k + KB0 <= K; k += KB0) {
+      accumulate<KB0, C, D>(job, t, e, k, u0, u1, first, acc + k * ld, ld, k == 0 ? pf : nullptr);
+    }
+    if constexpr (KB0 > 4) {
+      if (k + 4 <= K) accumulate<4, C, D>(job, t, e, k, u0, u1, first, acc + k * ld, ld, nullptr), k += 4;
+    }
+    if constexpr (KB0 > 2) {
+      if (k + 2 <= K) accumulate<2, C, D>(job, t, e, k, u0, u1, first, acc + k * ld, ld, nullptr), k += 2;
+    }
+    if constexpr (KB0 > 1) {
+      if (k < K) accumulate<1, C, D>(job, t, e, k, u0, u1, first, acc + k * ld, ld, nullptr);
+    }
+  }
+
+  // The tile's whole vectors, sources in groups of job.group, each group over the whole tile
+  // for every output while the next group's (or the next tile's first group's) stretch is
+  // prefetched; after the last group the outputs are written chunk by chunk.
+  template <int KB0, int32_t D>
+  static void batch_vectors(const Job& job, const Span& s, const Span& next, float* acc) {
+    constexpr int C = std::max(1, std::min(V::kAccRegs / KB0, 4));
+    const MergeArgs& a = *job.args;
+    const int64_t N = a.num_sources, K = a.num_outputs, G = job.group;
+    const int64_t full = s.len / (C * W) * (C * W), vectors = s.len / W * W;
+    const int64_t steps_per_source = full / (C * W) + (vectors - full) / W;
+    for (int64_t u0 = 0; u0 < N; u0 += G) {
+      const int64_t u1 = std::min(N, u0 + G);
+      const bool first = u0 == 0, last = u1 == N;
+      const int64_t steps = (u1 - u0) * steps_per_source;
+      Prefetcher pf = last ? Prefetcher(a, next, 0, std::min(N, G), steps)
+                           : Prefetcher(a, s, u1, std::min(N, u1 + G), steps);
+      for (int64_t j = 0; j < full; j += C * W) {
+        chunk<KB0, C, D>(job, s.t, s.begin + j, u0, u1, first, acc + j, &pf);
+        if (last) finish(a, s.t, s.begin + j, C * W, acc + j, job.tile, K, job.stream);
+      }
+      if constexpr (C > 1) {
+        for (int64_t j = full; j < vectors; j += W) {
+          chunk<KB0, 1, D>(job, s.t, s.begin + j, u0, u1, first, acc + j, &pf);
+          if (last) finish(a, s.t, s.begin + j, W, acc + j, job.tile, K, job.stream);
+        }
+      }
+    }
+  }
+
+  template <int32_t D>
+  static void batch_vectors(const Job& job, const Span& s, const Span& next, float* acc) {
+    const int64_t K = job.args->num_outputs;
+    if (K >= 8) return batch_vectors<8, D>(job, s, next, acc);
+    if (K >= 4) return batch_vectors<4, D>(job, s, next, acc);
+    return batch_vectors<2, D>(job, s, next, acc);
+  }
+
+  static void batch(const Job& job, const Span& s, const Span& next, float* acc) {
+    const MergeArgs& a = *job.args;
+    const int64_t N = a.num_sources, K = a.num_outputs;
+    const void* const* src = a.srcs + s.t * N;
+    const int32_t* dtypes = a.src_dtypes + s.t * N;
+    bool uniform = true;
+    for (int64_t u = 1; u < N && uniform; ++u) uniform = dtypes[u] == dtypes[0];
+    switch (uniform ? dtypes[0] : kMixed) {
+      case kBFloat16: batch_vectors<kBFloat16>(job, s, next, acc); break;
+      case kFloat16: batch_vectors<kFloat16>(job, s, next, acc); break;
+      case kFloat32: batch_vectors<kFloat32>(job, s, next, acc); break;
+      default: batch_vectors<kMixed>(job, s, next, acc);
+    }
+    // The last len % W elements, one at a time, in the same order.
+    const int64_t rest = s.len % W, e = s.begin + s.len - rest;
+    if (rest == 0) return;
+    for (int64_t k = 0; k < K; ++k) std::fill_n(acc + k * job.tile, rest, 0.f);
+    for (int64_t u = 0; u < N; ++u) {
+      for (int64_t j = 0; j < rest; ++j) {
+        const float x = lcsc::load_as_float(src[u], e + j, dtypes[u]);
+        for (int64_t k = 0; k < K; ++k) {
+          float& r = acc[k * job.tile + j];
+          r = lcsc::accumulate(r, job.coeffs_by_source[u * K + k], x);
+        }
+      }
+    }
+    finish(a, s.t, e, rest, acc, job.tile, K, false);
+  }
+
+  static void run(const Job& job, const Span& s, const Span& next, float* scratch) {
+    if (job.args->num_outputs == 1) return single(job, s, scratch);
+    batch(job, s, next, scratch);
+  }
+
+  // ---------------------------------------------------------------- writing the outputs
+
+  // outs[k][e + j] = round(base[e + j] + acc[k * ld + j]) for k < K, j < len; the base is read
+  // once per element before any output is written, so an output may alias the base.
   // stream: outputs are written with non-temporal stores where aligned, which skips reading
   // each output line into the cache before overwriting it (a third of the memory traffic of a
   // batch of fp32 outputs). Only for merges too large to stay in cache anyway.
   template <int32_t OD, int32_t BD>
-  static void finish(const MergeArgs& a, int64_t t, int64_t begin, int64_t len,
-                     const float* acc, int64_t stride, bool stream) {
-    const int64_t K = a.num_outputs, T = a.num_tensors;
+  static void finish_typed(const MergeArgs& a, int64_t t, int64_t e, int64_t len, const float* acc,
+                     int64_t ld, int64_t K, bool stream) {
+    const int64_t T = a.num_tensors;
     const void* base = a.bases[t];
     if (stream) {
       const int64_t bytes = W * lcsc::dtype_nbytes(OD);
       for (int64_t k = 0; k < K && stream; ++k) {
-        const auto p = reinterpret_cast<uintptr_t>(a.outs[k * T + t]) + begin * (bytes / W);
+        const auto p = reinterpret_cast<uintptr_t>(a.outs[k * T + t]) + e * (bytes / W);
         stream = p % bytes == 0;
       }
     }
     int64_t j = 0;
     for (; j + W <= len; j += W) {
       Reg b{};
-      if constexpr (BD != kNoBase) b = V::template load<BD>(base, begin + j);
+      if constexpr (BD != kNoBase) b = V::template load<BD>(base, e + j);
       for (int64_t k = 0; k < K; ++k) {
-        Reg r = V::load_acc(acc + k * stride + j);
+        Reg r = V::load_acc(acc + k * ld + j);
         if constexpr (BD != kNoBase) r = V::add(r, b);
         if (stream) {
-          V::template store<OD, true>(a.outs[k * T + t], begin + j, r);
+          V::template store<OD, true>(a.outs[k * T + t], e + j, r);
         } else {
-          V::template store<OD>(a.outs[k * T + t], begin + j, r);
+          V::template store<OD>(a.outs[k * T + t], e + j, r);
         }
       }
     }
     for (; j < len; ++j) {
       float b = 0.f;
-      if constexpr (BD != kNoBase) b = lcsc::load_as_float(base, begin + j, BD);
+      if constexpr (BD != kNoBase) b = lcsc::load_as_float(base, e + j, BD);
       for (int64_t k = 0; k < K; ++k) {
-        float r = acc[k * stride + j];
+        float r = acc[k * ld + j];
         if constexpr (BD != kNoBase) r = r + b;
-        lcsc::store_from_float(a.outs[k * T + t], begin + j, OD, r);
+        lcsc::store_from_float(a.outs[k * T + t], e + j, OD, r);
       }
     }
   }
 
   template <int32_t OD>
-  static void finish_out(const MergeArgs& a, int64_t t, int64_t begin, int64_t len,
-                         const float* acc, int64_t stride, bool stream) {
-    if (a.bases[t] == nullptr) return finish<OD, kNoBase>(a, t, begin, len, acc, stride, stream);
+  static void finish_out(const MergeArgs& a, int64_t t, int64_t e, int64_t len, const float* acc,
+                         int64_t ld, int64_t K, bool stream) {
+    if (a.bases[t] == nullptr) return finish_typed<OD, kNoBase>(a, t, e, len, acc, ld, K, stream);
     switch (a.base_dtypes[t]) {
-      case kFloat16: return finish<OD, kFloat16>(a, t, begin, len, acc, stride, stream);
-      case kBFloat16: return finish<OD, kBFloat16>(a, t, begin, len, acc, stride, stream);
-      default: return finish<OD, kFloat32>(a, t, begin, len, acc, stride, stream);
+      case kFloat16: return finish_typed<OD, kFloat16>(a, t, e, len, acc, ld, K, stream);
+      case kBFloat16: return finish_typed<OD, kBFloat16>(a, t, e, len, acc, ld, K, stream);
+      default: return finish_typed<OD, kFloat32>(a, t, e, len, acc, ld, K, stream);
     }
   }
+
+  static void finish(const MergeArgs& a, int64_t t, int64_t e, int64_t len, const float* acc,
+                     int64_t ld, int64_t K, bool stream) {
+    switch (a.out_dtypes[t]) {
+      case kFloat16: return finish_out<kFloat16>(a, t, e, len, acc, ld, K, stream);
+      case kBFloat16: return finish_out<kBFloat16>(a, t, e, len, acc, ld, K, stream);
+      default: return finish_out<kFloat32>(a, t, e, len, acc, ld, K, stream);
+    }
+  }
+
+  // ---------------------------------------------------------------- probes
 
   static int64_t fma_probe(int64_t iterations, float* sink) {
     constexpr int kChains = 12;  // enough independent chains to cover the fma latency
@@ -266,31 +459,6 @@ struct Tile {
     }
   }
 
-  // Elements [begin, begin + len) of tensor t, every output; acc is K * tile floats of scratch.
-  static void run(const MergeArgs& a, int64_t t, int64_t begin, int64_t len, float* acc,
-                  int64_t stride, bool stream) {
-    const int64_t N = a.num_sources, K = a.num_outputs;
-    for (int64_t k = 0; k < K; ++k) std::fill_n(acc + k * stride, len, 0.f);
-    const void* const* src = a.srcs + t * N;
-    const int32_t* dtypes = a.src_dtypes + t * N;
-    int64_t i = 0;
-    auto next_count = [N](int64_t after) { return int(std::min<int64_t>(8, N - after)); };
-    for (; i + 8 <= N; i += 8) {
-      group<8>(src + i, dtypes + i, a.coeffs + i, N, K, begin, len, acc, stride, next_count(i + 8));
-    }
-    if (i + 4 <= N) {
-      group<4>(src + i, dtypes + i, a.coeffs + i, N, K, begin, len, acc, stride, next_count(i + 4));
-      i += 4;
-    }
-    for (; i < N; ++i) {
-      group<1>(src + i, dtypes + i, a.coeffs + i, N, K, begin, len, acc, stride, next_count(i + 1));
-    }
-    switch (a.out_dtypes[t]) {
-      case kFloat16: return finish_out<kFloat16>(a, t, begin, len, acc, stride, stream);
-      case kBFloat16: return finish_out<kBFloat16>(a, t, begin, len, acc, stride, stream);
-      default: return finish_out<kFloat32>(a, t, begin, len, acc, stride, stream);
-    }
-  }
 };
 
 }  // namespace lcsc_cpu_tile
