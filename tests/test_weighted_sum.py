@@ -14,11 +14,11 @@ the yardstick of the accuracy rule (conftest.assert_within_torch_error: engine e
 torch's error + eps(out) x max|ref|), does the full N-step float32 loop.
 
 Beyond accuracy: base dtypes, shapes, coefficient containers, the batched op (bitwise equal to
-single calls per row), exact aliasing (out is base, out is a source, batched outs[0] is base),
-determinism (repeat runs and 1 vs 2 threads bitwise equal), every SIMD level bitwise equal to the
-scalar fallback (all dtype combinations, ragged tails, guard bands around out), N = 4096, and
-special values (inf/NaN propagation like torch, fp16 overflow, subnormals, round-to-nearest-even
-conversion of the float32 accumulator, exhaustively for 16-bit sources).
+single calls per row), exact aliasing (out is base, out is a source, batched rows that are the
+base or a source), determinism (repeat runs and 1 vs 2 threads bitwise equal), every SIMD level
+bitwise equal to the scalar fallback (all dtype combinations, ragged tails, guard bands around
+out), N = 4096, and special values (inf/NaN propagation like torch, fp16 overflow, subnormals,
+round-to-nearest-even conversion of the float32 accumulator, exhaustively for 16-bit sources).
 """
 
 from __future__ import annotations
@@ -316,24 +316,33 @@ def test_out_is_base_and_repeated_source(device, numel):
     assert_bitwise_equal(x, expected)
 
 
+# (K, the row that is the base, the row that is sources[0]). With K = 11 the outputs go in
+# groups of 8, 2 and 1; the last group's rows are written from registers, the others from
+# scratch, and the base row is in one kind and the source row in the other, either way round.
+BATCH_ALIASES = ((3, 0, 1), (11, 10, 0), (11, 0, 10))
+
+
+@pytest.mark.parametrize("layout", BATCH_ALIASES, ids=lambda x: "k{}-base{}-source{}".format(*x))
 @pytest.mark.parametrize("numel", param("numel", (7, 100_003)))
 @pytest.mark.parametrize("out_kind", param("out", OUT_KINDS))
 @pytest.mark.parametrize("device", device_params())
-def test_batched_outs0_is_base(device, out_kind, numel):
-    """Batched: outs[0] may be the base and outs[1] a source; the other rows still see the
+def test_batched_out_is_base_or_source(device, out_kind, numel, layout):
+    """Batched: one row may be the base and another a source; the other rows still see the
     original base and source values."""
-    g = generator("batched-alias", out_kind, numel)
+    k, base_row, source_row = layout
+    g = generator("batched-alias", out_kind, numel, *layout)
     out_dtype = DTYPES[out_kind]
     sources = _mixed_sources(numel, 4, g, device)
     sources[0] = randn(numel, out_dtype, g, device)
     base = randn(numel, out_dtype, g, device)
-    coeffs = [fp32_coeffs(4, g) for _ in range(3)]
+    coeffs = [fp32_coeffs(4, g) for _ in range(k)]
     clones = [s.clone() for s in sources]
     expected = [lcsc_fast.weighted_sum(nan_like(numel, out_dtype, device), clones, row,
                                        base=base.clone()) for row in coeffs]
-    outs = [base, sources[0], nan_like(numel, out_dtype, device)]
+    outs = [nan_like(numel, out_dtype, device) for _ in range(k)]
+    outs[base_row], outs[source_row] = base, sources[0]
     lcsc_fast.weighted_sum_batched(outs, sources, coeffs, base=base)
-    for row in range(3):
+    for row in range(k):
         assert_bitwise_equal(outs[row], expected[row], f"outs[{row}]")
 
 

@@ -9,7 +9,8 @@
 // - K >= 2 outputs (a population batch, K fmas per source element, which has to be compute
 //   efficient too). Up to 8 outputs x C vectors of accumulators stay in registers while the
 //   sources of a group stream through: each source vector is loaded once and feeds 8 x C fmas
-//   with no accumulator traffic. The tile is short (2 KiB of each source), so that a group's
+//   with no accumulator traffic; after the last group, float32 outputs are written straight
+//   from those registers. The tile is short (2 KiB of each source), so that a group's
 //   stretch of every source fits in L2, and the next group's (or the next tile's) stretch is
 //   prefetched into L2 one source after the other, in sequential runs, while this one computes.
 //
@@ -20,6 +21,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
+#include <type_traits>
 
 #include "elementwise.h"
 #include "merge.h"
@@ -72,6 +74,11 @@ using lcsc::kFloat32;
 using lcsc::MergeArgs;
 using lcsc::cpu::Job;
 using lcsc::cpu::Span;
+
+// GCC and Clang (the wheels' compilers): code that holds the accumulator registers must not
+// make calls (which would spill them) or keep loops over them rolled.
+#define LCSC_ALWAYS_INLINE __attribute__((always_inline))
+#define LCSC_UNROLL _Pragma("GCC unroll 8")
 
 constexpr int32_t kMixed = -1;  // sources of a group with different dtypes
 constexpr int32_t kNoBase = -1;
@@ -230,64 +237,116 @@ struct Tile {
   // ---------------------------------------------------------------- K >= 2 outputs
 
   // Elements [e, e + C*W) of tensor t, outputs [k0, k0 + KB), sources [u0, u1): the KB x C
-  // accumulators start from zero (first) or from acc, and end in acc (rows ld floats apart).
+  // accumulators start from zero (first) or from their scratch rows, and end in those rows
+  // (acc: row k of output k, rows job.tile floats apart) or, when `write`, in the outputs.
+  // The loops over kk and c must be unrolled before GCC decides where r lives: left to -O3,
+  // r goes through the stack on the way in and out, about 100 extra vector moves per call.
   template <int KB, int C, int32_t D>
   static void accumulate(const Job& job, int64_t t, int64_t e, int64_t k0, int64_t u0,
-                         int64_t u1, bool first, float* acc, int64_t ld, Prefetcher* pf) {
+                         int64_t u1, bool first, bool write, bool stream, float* acc,
+                         Prefetcher* pf) {
     const MergeArgs& a = *job.args;
-    const int64_t N = a.num_sources, K = a.num_outputs;
+    const int64_t N = a.num_sources, K = a.num_outputs, ld = job.tile;
     const void* const* src = a.srcs + t * N;
     const int32_t* dtypes = a.src_dtypes + t * N;
+    float* rows = acc + k0 * ld;
     Reg r[KB][C];
-    for (int kk = 0; kk < KB; ++kk) {
-      for (int c = 0; c < C; ++c) r[kk][c] = first ? V::zero() : V::load_acc(acc + kk * ld + c * W);
+    LCSC_UNROLL for (int kk = 0; kk < KB; ++kk) {
+      LCSC_UNROLL for (int c = 0; c < C; ++c) {
+        r[kk][c] = first ? V::zero() : V::load_acc(rows + kk * ld + c * W);
+      }
     }
     for (int64_t u = u0; u < u1; ++u) {
       if (pf) pf->step();
       Reg s[C];
-      for (int c = 0; c < C; ++c) s[c] = load_src<D>(src, dtypes, u, e + c * W);
+      LCSC_UNROLL for (int c = 0; c < C; ++c) s[c] = load_src<D>(src, dtypes, u, e + c * W);
       const float* cu = job.coeffs_by_source + u * K + k0;
-      for (int kk = 0; kk < KB; ++kk) {
+      LCSC_UNROLL for (int kk = 0; kk < KB; ++kk) {
         const Reg b = V::broadcast(cu[kk]);
-        for (int c = 0; c < C; ++c) r[kk][c] = V::fma(b, s[c], r[kk][c]);
+        LCSC_UNROLL for (int c = 0; c < C; ++c) r[kk][c] = V::fma(b, s[c], r[kk][c]);
       }
     }
-    for (int kk = 0; kk < KB; ++kk) {
-      for (int c = 0; c < C; ++c) V::store_acc(acc + kk * ld + c * W, r[kk][c]);
+    // float32 outputs (the usual) are written straight from the registers; 16-bit ones through
+    // scratch, which keeps the code that each instantiation carries small.
+    if (write && a.out_dtypes[t] == kFloat32) {
+      return stream ? write_chunk<KB, C, true>(a, t, e, k0, r, acc, ld)
+                    : write_chunk<KB, C, false>(a, t, e, k0, r, acc, ld);
+    }
+    LCSC_UNROLL for (int kk = 0; kk < KB; ++kk) {
+      LCSC_UNROLL for (int c = 0; c < C; ++c) V::store_acc(rows + kk * ld + c * W, r[kk][c]);
+    }
+    if (write) finish(a, t, e, C * W, acc, ld, K, stream);
+  }
+
+  // Writes elements [e, e + C*W) of every (float32) output of tensor t once all their sources
+  // are read: outputs [0, k0) from their scratch rows in acc, [k0, k0 + KB) from r, each plus
+  // the base. The base is loaded before the first store, so an output may be the base (or a
+  // source) itself. Always inlined, so that r stays in registers.
+  template <int KB, int C, bool kStream>
+  LCSC_ALWAYS_INLINE static void write_chunk(const MergeArgs& a, int64_t t, int64_t e,
+                                             int64_t k0, const Reg (&r)[KB][C],
+                                             const float* acc, int64_t ld) {
+    const int64_t T = a.num_tensors;
+    const void* base = a.bases[t];
+    Reg b[C];
+    LCSC_UNROLL for (int c = 0; c < C; ++c) {
+      b[c] = base ? load_any(base, e + c * W, a.base_dtypes[t]) : V::zero();
+    }
+    // The sum as finish() forms it: plus the base only when there is one (x + 0 is not x for -0).
+    auto put = [&](int64_t k, int c, Reg x) LCSC_ALWAYS_INLINE {
+      V::template store<kFloat32, kStream>(a.outs[k * T + t], e + c * W, base ? V::add(x, b[c]) : x);
+    };
+    for (int64_t k = 0; k < k0; ++k) {
+      LCSC_UNROLL for (int c = 0; c < C; ++c) put(k, c, V::load_acc(acc + k * ld + c * W));
+    }
+    LCSC_UNROLL for (int kk = 0; kk < KB; ++kk) {
+      LCSC_UNROLL for (int c = 0; c < C; ++c) put(k0 + kk, c, r[kk][c]);
     }
   }
 
   // Elements [e, e + C*W), sources [u0, u1), every output: in groups of KB0 outputs, then the
-  // rest in groups of 4, 2 and 1, all at the same C.
+  // rest in groups of 4, 2 and 1, all at the same C. `write`: these are the last sources, and
+  // the last output group writes every output of the chunk.
   template <int KB0, int C, int32_t D>
   static void chunk(const Job& job, int64_t t, int64_t e, int64_t u0, int64_t u1, bool first,
-                    float* acc, Prefetcher* pf) {
-    const int64_t K = job.args->num_outputs, ld = job.tile;
+                    bool write, bool stream, float* acc, Prefetcher* pf) {
+    const int64_t K = job.args->num_outputs;
+    auto outputs = [&](auto kb, int64_t k) {
+      constexpr int KB = decltype(kb)::value;
+      accumulate<KB, C, D>(job, t, e, k, u0, u1, first, write && k + KB == K, stream, acc,
+                           k == 0 ? pf : nullptr);
+    };
     int64_t k = 0;
-    for (; k + KB0 <= K; k += KB0) {
-      accumulate<KB0, C, D>(job, t, e, k, u0, u1, first, acc + k * ld, ld, k == 0 ? pf : nullptr);
-    }
+    for (; k + KB0 <= K; k += KB0) outputs(std::integral_constant<int, KB0>{}, k);
     if constexpr (KB0 > 4) {
-      if (k + 4 <= K) accumulate<4, C, D>(job, t, e, k, u0, u1, first, acc + k * ld, ld, nullptr), k += 4;
+      if (k + 4 <= K) outputs(std::integral_constant<int, 4>{}, k), k += 4;
     }
     if constexpr (KB0 > 2) {
-      if (k + 2 <= K) accumulate<2, C, D>(job, t, e, k, u0, u1, first, acc + k * ld, ld, nullptr), k += 2;
+      if (k + 2 <= K) outputs(std::integral_constant<int, 2>{}, k), k += 2;
     }
     if constexpr (KB0 > 1) {
-      if (k < K) accumulate<1, C, D>(job, t, e, k, u0, u1, first, acc + k * ld, ld, nullptr);
+      if (k < K) outputs(std::integral_constant<int, 1>{}, k);
     }
   }
 
   // The tile's whole vectors, sources in groups of job.group, each group over the whole tile
   // for every output while the next group's (or the next tile's first group's) stretch is
-  // prefetched; after the last group the outputs are written chunk by chunk.
+  // prefetched; the last group writes the outputs chunk by chunk.
   template <int KB0, int32_t D>
   static void batch_vectors(const Job& job, const Span& s, const Span& next, float* acc) {
     constexpr int C = std::max(1, std::min(V::kAccRegs / KB0, 4));
     const MergeArgs& a = *job.args;
-    const int64_t N = a.num_sources, K = a.num_outputs, G = job.group;
+    const int64_t N = a.num_sources, G = job.group;
     const int64_t full = s.len / (C * W) * (C * W), vectors = s.len / W * W;
     const int64_t steps_per_source = full / (C * W) + (vectors - full) / W;
+    // Streaming stores where every output's vectors are aligned for them. Chunks start at
+    // multiples of W, so that depends on the outputs' pointers only.
+    const int64_t T = a.num_tensors;
+    const uintptr_t align_mask = W * lcsc::dtype_nbytes(a.out_dtypes[s.t]) - 1;
+    bool stream = job.stream;
+    for (int64_t k = 0; k < a.num_outputs && stream; ++k) {
+      stream = (reinterpret_cast<uintptr_t>(a.outs[k * T + s.t]) & align_mask) == 0;
+    }
     for (int64_t u0 = 0; u0 < N; u0 += G) {
       const int64_t u1 = std::min(N, u0 + G);
       const bool first = u0 == 0, last = u1 == N;
@@ -295,13 +354,11 @@ struct Tile {
       Prefetcher pf = last ? Prefetcher(a, next, 0, std::min(N, G), steps)
                            : Prefetcher(a, s, u1, std::min(N, u1 + G), steps);
       for (int64_t j = 0; j < full; j += C * W) {
-        chunk<KB0, C, D>(job, s.t, s.begin + j, u0, u1, first, acc + j, &pf);
-        if (last) finish(a, s.t, s.begin + j, C * W, acc + j, job.tile, K, job.stream);
+        chunk<KB0, C, D>(job, s.t, s.begin + j, u0, u1, first, last, stream, acc + j, &pf);
       }
       if constexpr (C > 1) {
         for (int64_t j = full; j < vectors; j += W) {
-          chunk<KB0, 1, D>(job, s.t, s.begin + j, u0, u1, first, acc + j, &pf);
-          if (last) finish(a, s.t, s.begin + j, W, acc + j, job.tile, K, job.stream);
+          chunk<KB0, 1, D>(job, s.t, s.begin + j, u0, u1, first, last, stream, acc + j, &pf);
         }
       }
     }
