@@ -17,6 +17,13 @@
 #define LCSC_HD static inline
 #endif
 
+// For the CPU kernels' register blocks (GCC and Clang, the wheels' compilers): code that holds an
+// array of accumulator registers must make no calls, which would spill them, and its loops over
+// the array must be unrolled before GCC decides where the array lives. Left to -O3, the array
+// goes through the stack on the way in and out of the hot loop.
+#define LCSC_ALWAYS_INLINE __attribute__((always_inline))
+#define LCSC_UNROLL _Pragma("GCC unroll 16")
+
 namespace lcsc {
 
 // Codes shared with lcsc_fast/engine.py.

@@ -150,20 +150,20 @@ struct LoraTile {
   template <bool kFirst>
   static void micro(const float* __restrict pb, const float* __restrict pa, int64_t kcl,
                     float* __restrict c) {
-    Reg acc[MR][NV];
-    for (int jj = 0; jj < MR; ++jj) {
-      for (int v = 0; v < NV; ++v) acc[jj][v] = V::zero();
+    Reg acc[MR][NV];  // LCSC_UNROLL (elementwise.h) keeps it in registers
+    LCSC_UNROLL for (int jj = 0; jj < MR; ++jj) {
+      LCSC_UNROLL for (int v = 0; v < NV; ++v) acc[jj][v] = V::zero();
     }
     for (int64_t k = 0; k < kcl; ++k) {
       Reg x[NV];
-      for (int v = 0; v < NV; ++v) x[v] = V::load_acc(pa + k * NR + v * W);
-      for (int jj = 0; jj < MR; ++jj) {
+      LCSC_UNROLL for (int v = 0; v < NV; ++v) x[v] = V::load_acc(pa + k * NR + v * W);
+      LCSC_UNROLL for (int jj = 0; jj < MR; ++jj) {
         const Reg b = V::broadcast(pb[jj * KB + k]);
-        for (int v = 0; v < NV; ++v) acc[jj][v] = V::fma(b, x[v], acc[jj][v]);
+        LCSC_UNROLL for (int v = 0; v < NV; ++v) acc[jj][v] = V::fma(b, x[v], acc[jj][v]);
       }
     }
-    for (int jj = 0; jj < MR; ++jj) {
-      for (int v = 0; v < NV; ++v) {
+    LCSC_UNROLL for (int jj = 0; jj < MR; ++jj) {
+      LCSC_UNROLL for (int v = 0; v < NV; ++v) {
         float* at = c + jj * NR + v * W;
         V::store_acc(at, kFirst ? acc[jj][v] : V::add(V::load_acc(at), acc[jj][v]));
       }

@@ -75,11 +75,6 @@ using lcsc::MergeArgs;
 using lcsc::cpu::Job;
 using lcsc::cpu::Span;
 
-// GCC and Clang (the wheels' compilers): code that holds the accumulator registers must not
-// make calls (which would spill them) or keep loops over them rolled.
-#define LCSC_ALWAYS_INLINE __attribute__((always_inline))
-#define LCSC_UNROLL _Pragma("GCC unroll 8")
-
 constexpr int32_t kMixed = -1;  // sources of a group with different dtypes
 constexpr int32_t kNoBase = -1;
 
@@ -239,8 +234,8 @@ struct Tile {
   // Elements [e, e + C*W) of tensor t, outputs [k0, k0 + KB), sources [u0, u1): the KB x C
   // accumulators start from zero (first) or from their scratch rows, and end in those rows
   // (acc: row k of output k, rows job.tile floats apart) or, when `write`, in the outputs.
-  // The loops over kk and c must be unrolled before GCC decides where r lives: left to -O3,
-  // r goes through the stack on the way in and out, about 100 extra vector moves per call.
+  // LCSC_UNROLL (elementwise.h) keeps r in registers: without it, about 100 extra vector moves
+  // per call.
   template <int KB, int C, int32_t D>
   static void accumulate(const Job& job, int64_t t, int64_t e, int64_t k0, int64_t u0,
                          int64_t u1, bool first, bool write, bool stream, float* acc,
