@@ -169,39 +169,32 @@ def _check_options(algorithm: str, opts: dict) -> dict:
         raise exc(f"{name}: {opts[name]!r} {what} (algorithm {algorithm!r})")
 
     # bool is an int subclass, but True is no population size or noise scale.
-    def integer(name: str, ok, what: str, none_ok: bool = False) -> int | None:
+    # kind: int or float, what the value is returned as (floats must also be finite).
+    def number(kind: type, name: str, ok, what: str, none_ok: bool = False):
         value = opts[name]
         if value is None and none_ok:
             return None
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            fail(TypeError, name, f"is not an integer; it {what}")
-        if not ok(value):
+        abc, noun = ((numbers.Integral, "an integer") if kind is int
+                     else (numbers.Real, "a real number"))
+        if isinstance(value, bool) or not isinstance(value, abc):
+            fail(TypeError, name, f"is not {noun}; it {what}")
+        if not ((kind is int or math.isfinite(value)) and ok(value)):
             fail(ValueError, name, what)
-        return int(value)
-
-    def real(name: str, ok, what: str, none_ok: bool = False) -> float | None:
-        value = opts[name]
-        if value is None and none_ok:
-            return None
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            fail(TypeError, name, f"is not a real number; it {what}")
-        if not (math.isfinite(value) and ok(value)):
-            fail(ValueError, name, what)
-        return float(value)
+        return kind(value)
 
     out = dict(opts)
     if algorithm == "lcsc":
-        population = out["population"] = integer("population", lambda v: v >= 1,
+        population = out["population"] = number(int, "population", lambda v: v >= 1,
                                                  "must be a positive integer")
-        out["parents"] = integer("parents", lambda v: 1 <= v <= population,
-                                 f"must be between 1 and population ({population})")
-        out["sigma"] = real("sigma", lambda v: v > 0, "must be positive and finite")
-        out["mix_prob"] = real("mix_prob", lambda v: 0 <= v <= 1, "must be in [0, 1]")
+        out["parents"] = number(int, "parents", lambda v: 1 <= v <= population,
+                                f"must be between 1 and population ({population})")
+        out["sigma"] = number(float, "sigma", lambda v: v > 0, "must be positive and finite")
+        out["mix_prob"] = number(float, "mix_prob", lambda v: 0 <= v <= 1, "must be in [0, 1]")
     else:
-        out["population"] = integer("population", lambda v: v >= 2,
-                                    "must be None or an integer >= 2", none_ok=True)
-        out["sigma0"] = real("sigma0", lambda v: v > 0, "must be None or positive and finite",
-                             none_ok=True)
+        out["population"] = number(int, "population", lambda v: v >= 2,
+                                   "must be None or an integer >= 2", none_ok=True)
+        out["sigma0"] = number(float, "sigma0", lambda v: v > 0,
+                               "must be None or positive and finite", none_ok=True)
     return out
 
 
