@@ -4,7 +4,7 @@
 // single merge and a batch give bitwise identical outputs:
 //
 // - One output (a single merge, which only memory bandwidth limits). Sources are streamed in
-//   groups of eight, each over the whole tile, folded into one float32 accumulator row in L1;
+//   groups of eight, each over the whole tile, folded into one float32 accumulator row in L2;
 //   the next group's stretch is prefetched meanwhile. Long runs per source keep DRAM busy.
 // - K >= 2 outputs (a population batch, K fmas per source element, which has to be compute
 //   efficient too). Up to 8 outputs x C vectors of accumulators stay in registers while the
