@@ -545,7 +545,6 @@ class MergePlan:
                 _check_names(names, base, "base")
                 base_state = base
 
-        plan = None
         device = None  # every target tensor's: merge_into needs one device
         copies = []  # (name, target tensor, last checkpoint's tensor) for integer tensors
         merged = set()  # (data_ptr, numel, dtype) already in the plan: tied weights merge once
@@ -582,12 +581,17 @@ class MergePlan:
             if t.numel() and key in merged:
                 continue
             merged.add(key)
-            if plan is None:
-                plan = _Plan(t.device, len(entries), 1, num_checkpoints=len(checkpoints))
-            plan.add(name, [t], entries, b)
             jobs.append((name, t, entries, b))
             keep.extend(entries)
-        if plan is not None:
+        # The engine runs tensors in plan order. In the first checkpoint's memory order, every
+        # checkpoint laid out alike (one flat buffer, a file) is read in one forward sweep; in
+        # name order its small tensors are visited out of place, each a fresh short run.
+        jobs.sort(key=lambda job: job[2][0].data_ptr())
+        plan = None
+        if jobs:
+            plan = _Plan(device, len(jobs[0][2]), 1, num_checkpoints=len(checkpoints))
+            for name, t, entries, b in jobs:
+                plan.add(name, [t], entries, b)
             plan.finish()
         if copies:
             _check_copies_overlap(plan, copies, len(checkpoints) - 1)

@@ -426,6 +426,34 @@ def test_plan_merge_batched_equals_single_merges(base, checkpoints, pretrained):
             assert torch.equal(t, net.state_dict()[name]), name
 
 
+def test_plan_visits_tensors_in_the_first_checkpoints_memory_order():
+    """A plan's tensors follow the first checkpoint's memory, not their names (here each
+    checkpoint is one flat buffer laid out against name order), so every checkpoint is read
+    in one forward sweep; single and batched merges stay exact."""
+    g = generator("memory-order")
+    sizes = {"a": 5000, "b": 7, "c": 4097, "d": 0, "e": 300}
+    layout = ["e", "c", "a", "d", "b"]  # names in their order in memory ("d": empty)
+    ckpts = []
+    for _ in range(3):
+        flat, ck, offset = randn((sum(sizes.values()),), torch.float32, g), {}, 0
+        for name in layout:
+            ck[name] = flat[offset:offset + sizes[name]]
+            offset += sizes[name]
+        ckpts.append(ck)
+    target = {name: torch.zeros(n) for name, n in sizes.items()}
+    plan = lcsc_fast.MergePlan(target, ckpts)
+    assert [name for name in plan._plan.names if sizes[name]] == ["e", "c", "a", "b"]
+    coeffs = [0.5, -0.25, 0.75]
+    plan(coeffs)
+    assert_merged_close(target, ckpts, coeffs)
+    outs = [{name: torch.full((n,), float("nan")) for name, n in sizes.items()}
+            for _ in range(2)]
+    plan.merge_batched([coeffs, coeffs], outs)
+    for out in outs:
+        for name, t in out.items():
+            assert torch.equal(t, target[name]), name
+
+
 def test_plan_merge_batched_refuses_bad_outputs(checkpoints):
     """An output missing a tensor, or shaped otherwise, is named; nothing is written."""
     net = fresh_net("plan-batched-bad")
