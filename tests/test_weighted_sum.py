@@ -638,10 +638,10 @@ def test_float32_subnormals_are_not_flushed(restore_simd, level):
 @pytest.mark.parametrize("out_dtype", param("out", MIXED_CYCLE))
 def test_large_outputs_written_with_streaming_stores_match_scalar(restore_simd, out_dtype):
     """Merges with 64 MiB of outputs or more write them with non-temporal stores where aligned;
-    the bits equal the scalar path's (which never streams), for a misaligned output view and
-    a batch whose outputs cross the threshold only together."""
+    the bits equal the scalar path's (which never streams), for a single merge, for a batch, and
+    for misaligned output views."""
     g = generator("streaming", out_dtype)
-    numel = (1 << 25) // out_dtype.itemsize + 13  # >= 32 MiB per output, ragged tail
+    numel = (1 << 26) // out_dtype.itemsize + 13  # 64 MiB per output, ragged tail
     sources = [randn(numel, torch.bfloat16, g), randn(numel, torch.float16, g)]
     coeffs = [0.75, -0.5]
     base = randn(numel, torch.float32, g)
@@ -652,10 +652,12 @@ def test_large_outputs_written_with_streaming_stores_match_scalar(restore_simd, 
         lcsc_fast._C.set_simd_level(level)
         results = {}
         for kind, o in outs.items():
-            lcsc_fast.weighted_sum_batched(o, sources, [coeffs] * len(o), base=base)
-            results[kind] = [t.clone() for t in o]
+            lcsc_fast.weighted_sum(o[0], sources, coeffs, base=base)
+            results[f"{kind} single"] = [o[0].clone()]
+            lcsc_fast.weighted_sum_batched(o, sources, [coeffs, coeffs[::-1]], base=base)
+            results[f"{kind} batch"] = [t.clone() for t in o]
         if level == "auto":
             fast = results
-    for kind in outs:
-        for a, b in zip(fast[kind], results[kind]):
+    for kind, tensors in results.items():
+        for a, b in zip(fast[kind], tensors):
             assert_bitwise_equal(a, b, f"{kind}: streaming vs scalar")

@@ -4,8 +4,9 @@
 // single merge and a batch give bitwise identical outputs:
 //
 // - One output (a single merge, which only memory bandwidth limits). Sources are streamed in
-//   groups of eight, each over the whole tile, folded into one float32 accumulator row in L2;
-//   the next group's stretch is prefetched meanwhile. Long runs per source keep DRAM busy.
+//   groups of eight, each over the whole tile, folded into one float32 accumulator row in L2
+//   (the last group writes float32 outputs directly); the next group's stretch is prefetched
+//   meanwhile. Long runs per source keep DRAM busy.
 // - K >= 2 outputs (a population batch, K fmas per source element, which has to be compute
 //   efficient too). Up to 8 outputs x C vectors of accumulators stay in registers while the
 //   sources of a group stream through: each source vector is loaded once and feeds 8 x C fmas
@@ -20,6 +21,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <tuple>
 #include <type_traits>
 
@@ -145,18 +147,42 @@ struct Tile {
 
   // ---------------------------------------------------------------- one output
 
-  // acc[j] += sum_{u<G} coeffs[u] * src[u][begin + j], one fma at a time in u order. While it
-  // runs, the same elements of the next group's sources (next[0..num_next)) are prefetched: a
-  // tile's stretch of one source is too short for the hardware prefetcher to ramp up on its own.
-  template <int G, int32_t D>
+  // Where a single merge's last group puts its sums: plus the base, straight into a float32
+  // output (stream: with non-temporal stores, which the output's alignment allows).
+  struct Out {
+    float* out;
+    const void* base;
+    int32_t base_dtype;
+    bool stream;
+  };
+
+  // acc[j] += sum_{u<G} coeffs[u] * src[u][begin + j], one fma at a time in u order, or, when
+  // kWrite, out[begin + j] = base[begin + j] + that sum (the order finish() adds them in). While
+  // it runs, the same elements of the next group's sources (next[0..num_next)) are prefetched:
+  // a tile's stretch of one source is too short for the hardware prefetcher to ramp up on its
+  // own.
+  template <int G, int32_t D, bool kWrite>
   static void accumulate_group(const void* const* src, const int32_t* dtypes,
                                const float* coeffs, int64_t begin, int64_t len, float* acc,
                                const void* const* next, const int32_t* next_dtypes,
-                               int num_next) {
+                               int num_next, const Out& o) {
     auto prefetch_next = [&](int64_t j) {
       for (int u = 0; u < num_next; ++u) {
         __builtin_prefetch(static_cast<const char*>(next[u]) +
                            (begin + j) * lcsc::dtype_nbytes(next_dtypes[u]));
+      }
+    };
+    // The base is loaded before the output is stored, so the output may be the base itself.
+    auto put = [&](int64_t j, Reg r) LCSC_ALWAYS_INLINE {
+      if constexpr (!kWrite) {
+        V::store_acc(acc + j, r);
+      } else {
+        if (o.base) r = V::add(r, load_any(o.base, begin + j, o.base_dtype));
+        if (o.stream) {
+          V::template store<kFloat32, true>(o.out, begin + j, r);
+        } else {
+          V::template store<kFloat32>(o.out, begin + j, r);
+        }
       }
     };
     int64_t j = 0;
@@ -171,8 +197,8 @@ struct Tile {
           r0 = V::fma(c, load_src<D>(src, dtypes, u, begin + j), r0);
           r1 = V::fma(c, load_src<D>(src, dtypes, u, begin + j + W), r1);
         }
-        V::store_acc(acc + j, r0);
-        V::store_acc(acc + j + W, r1);
+        put(j, r0);
+        put(j + W, r1);
       }
     }
     for (; j + W <= len; j += W) {
@@ -181,52 +207,65 @@ struct Tile {
       for (int u = 0; u < G; ++u) {
         r = V::fma(V::broadcast(coeffs[u]), load_src<D>(src, dtypes, u, begin + j), r);
       }
-      V::store_acc(acc + j, r);
+      put(j, r);
     }
     for (; j < len; ++j) {  // the tail: the same math one element at a time
       float r = acc[j];
       for (int u = 0; u < G; ++u) {
         r = lcsc::accumulate(r, coeffs[u], lcsc::load_as_float(src[u], begin + j, dtypes[u]));
       }
-      acc[j] = r;
+      if constexpr (kWrite) {
+        o.out[begin + j] = o.base ? r + lcsc::load_as_float(o.base, begin + j, o.base_dtype) : r;
+      } else {
+        acc[j] = r;
+      }
     }
   }
 
-  template <int G>
+  template <int G, bool kWrite>
   static void group(const void* const* src, const int32_t* dtypes, const float* coeffs,
-                    int64_t begin, int64_t len, float* acc, int num_next) {
+                    int64_t begin, int64_t len, float* acc, int num_next, const Out& o) {
     const int32_t d = dtypes[0];
     bool uniform = true;
     for (int u = 1; u < G; ++u) uniform = uniform && dtypes[u] == d;
-    const auto args = std::make_tuple(src, dtypes, coeffs, begin, len, acc, src + G,
-                                      dtypes + G, num_next);
-    if (!uniform) return std::apply(accumulate_group<G, kMixed>, args);
+    const auto args = std::make_tuple(src, dtypes, coeffs, begin, len, acc, src + G, dtypes + G,
+                                      num_next, std::cref(o));
+    if (!uniform) return std::apply(accumulate_group<G, kMixed, kWrite>, args);
     switch (d) {
-      case kBFloat16: return std::apply(accumulate_group<G, kBFloat16>, args);
-      case kFloat16: return std::apply(accumulate_group<G, kFloat16>, args);
-      default: return std::apply(accumulate_group<G, kFloat32>, args);
+      case kBFloat16: return std::apply(accumulate_group<G, kBFloat16, kWrite>, args);
+      case kFloat16: return std::apply(accumulate_group<G, kFloat16, kWrite>, args);
+      default: return std::apply(accumulate_group<G, kFloat32, kWrite>, args);
     }
   }
 
+  // Sources in groups of 8 (then 4, then one at a time) over the whole tile. With a float32
+  // output, the last group writes it directly: the row is not stored and read back once more,
+  // and the output's stores spread over that group's reading instead of following it in a burst.
   static void single(const Job& job, const Span& s, float* acc) {
     const MergeArgs& a = *job.args;
     const int64_t N = a.num_sources;
     std::fill_n(acc, s.len, 0.f);
     const void* const* src = a.srcs + s.t * N;
     const int32_t* dtypes = a.src_dtypes + s.t * N;
+    const bool direct = a.out_dtypes[s.t] == kFloat32;
+    Out o{static_cast<float*>(a.outs[s.t]), a.bases[s.t], a.base_dtypes[s.t], false};
+    if (direct) {
+      const auto p = reinterpret_cast<uintptr_t>(o.out + s.begin);
+      o.stream = job.stream && p % (W * sizeof(float)) == 0;
+    }
+    auto run = [&](auto g, int64_t i) {
+      constexpr int G = decltype(g)::value;
+      const int num_next = int(std::min<int64_t>(8, N - i - G));
+      const auto args = std::make_tuple(src + i, dtypes + i, a.coeffs + i, s.begin, s.len, acc,
+                                        num_next, std::cref(o));
+      if (direct && i + G == N) return std::apply(group<G, true>, args);
+      std::apply(group<G, false>, args);
+    };
     int64_t i = 0;
-    auto next_count = [N](int64_t after) { return int(std::min<int64_t>(8, N - after)); };
-    for (; i + 8 <= N; i += 8) {
-      group<8>(src + i, dtypes + i, a.coeffs + i, s.begin, s.len, acc, next_count(i + 8));
-    }
-    if (i + 4 <= N) {
-      group<4>(src + i, dtypes + i, a.coeffs + i, s.begin, s.len, acc, next_count(i + 4));
-      i += 4;
-    }
-    for (; i < N; ++i) {
-      group<1>(src + i, dtypes + i, a.coeffs + i, s.begin, s.len, acc, next_count(i + 1));
-    }
-    finish(a, s.t, s.begin, s.len, acc, job.tile, 1, job.stream);
+    for (; i + 8 <= N; i += 8) run(std::integral_constant<int, 8>{}, i);
+    if (i + 4 <= N) run(std::integral_constant<int, 4>{}, i), i += 4;
+    for (; i < N; ++i) run(std::integral_constant<int, 1>{}, i);
+    if (!direct) finish(a, s.t, s.begin, s.len, acc, job.tile, 1, job.stream);
   }
 
   // ---------------------------------------------------------------- K >= 2 outputs
