@@ -156,15 +156,15 @@ struct Tile {
     bool stream;
   };
 
-  // acc[j] += sum_{u<G} coeffs[u] * src[u][begin + j], one fma at a time in u order, or, when
-  // kWrite, out[begin + j] = base[begin + j] + that sum (the order finish() adds them in). While
-  // it runs, the same elements of the next group's sources (next[0..num_next)) are prefetched:
-  // a tile's stretch of one source is too short for the hardware prefetcher to ramp up on its
-  // own.
+  // acc[j] += sum_{u<G} coeffs[u] * src[u][begin + j], one fma at a time in u order, starting
+  // from zero instead of acc when `first`; when kWrite, out[begin + j] = base[begin + j] + that
+  // sum (the order finish() adds them in) instead of acc. While it runs, the same elements of
+  // the next group's sources (next[0..num_next)) are prefetched: a tile's stretch of one source
+  // is too short for the hardware prefetcher to ramp up on its own.
   template <int G, int32_t D, bool kWrite>
   static void accumulate_group(const void* const* src, const int32_t* dtypes,
                                const float* coeffs, int64_t begin, int64_t len, float* acc,
-                               const void* const* next, const int32_t* next_dtypes,
+                               bool first, const void* const* next, const int32_t* next_dtypes,
                                int num_next, const Out& o) {
     auto prefetch_next = [&](int64_t j) {
       for (int u = 0; u < num_next; ++u) {
@@ -191,7 +191,8 @@ struct Tile {
     if constexpr (V::kPairs) {
       for (; j + 2 * W <= len; j += 2 * W) {
         prefetch_next(j);
-        Reg r0 = V::load_acc(acc + j), r1 = V::load_acc(acc + j + W);
+        Reg r0 = first ? V::zero() : V::load_acc(acc + j);
+        Reg r1 = first ? V::zero() : V::load_acc(acc + j + W);
         for (int u = 0; u < G; ++u) {
           const Reg c = V::broadcast(coeffs[u]);
           r0 = V::fma(c, load_src<D>(src, dtypes, u, begin + j), r0);
@@ -203,14 +204,14 @@ struct Tile {
     }
     for (; j + W <= len; j += W) {
       prefetch_next(j);
-      Reg r = V::load_acc(acc + j);
+      Reg r = first ? V::zero() : V::load_acc(acc + j);
       for (int u = 0; u < G; ++u) {
         r = V::fma(V::broadcast(coeffs[u]), load_src<D>(src, dtypes, u, begin + j), r);
       }
       put(j, r);
     }
     for (; j < len; ++j) {  // the tail: the same math one element at a time
-      float r = acc[j];
+      float r = first ? 0.f : acc[j];
       for (int u = 0; u < G; ++u) {
         r = lcsc::accumulate(r, coeffs[u], lcsc::load_as_float(src[u], begin + j, dtypes[u]));
       }
@@ -224,12 +225,13 @@ struct Tile {
 
   template <int G, bool kWrite>
   static void group(const void* const* src, const int32_t* dtypes, const float* coeffs,
-                    int64_t begin, int64_t len, float* acc, int num_next, const Out& o) {
+                    int64_t begin, int64_t len, float* acc, bool first, int num_next,
+                    const Out& o) {
     const int32_t d = dtypes[0];
     bool uniform = true;
     for (int u = 1; u < G; ++u) uniform = uniform && dtypes[u] == d;
-    const auto args = std::make_tuple(src, dtypes, coeffs, begin, len, acc, src + G, dtypes + G,
-                                      num_next, std::cref(o));
+    const auto args = std::make_tuple(src, dtypes, coeffs, begin, len, acc, first, src + G,
+                                      dtypes + G, num_next, std::cref(o));
     if (!uniform) return std::apply(accumulate_group<G, kMixed, kWrite>, args);
     switch (d) {
       case kBFloat16: return std::apply(accumulate_group<G, kBFloat16, kWrite>, args);
@@ -238,13 +240,13 @@ struct Tile {
     }
   }
 
-  // Sources in groups of 8 (then 4, then one at a time) over the whole tile. With a float32
-  // output, the last group writes it directly: the row is not stored and read back once more,
-  // and the output's stores spread over that group's reading instead of following it in a burst.
+  // Sources in groups of 8 (then 4, then one at a time) over the whole tile. The first group
+  // starts the row from zero; with a float32 output, the last group writes the output directly:
+  // the row is not stored and read back once more, and the output's stores spread over that
+  // group's reading instead of following it in a burst.
   static void single(const Job& job, const Span& s, float* acc) {
     const MergeArgs& a = *job.args;
     const int64_t N = a.num_sources;
-    std::fill_n(acc, s.len, 0.f);
     const void* const* src = a.srcs + s.t * N;
     const int32_t* dtypes = a.src_dtypes + s.t * N;
     const bool direct = a.out_dtypes[s.t] == kFloat32;
@@ -257,7 +259,7 @@ struct Tile {
       constexpr int G = decltype(g)::value;
       const int num_next = int(std::min<int64_t>(8, N - i - G));
       const auto args = std::make_tuple(src + i, dtypes + i, a.coeffs + i, s.begin, s.len, acc,
-                                        num_next, std::cref(o));
+                                        i == 0, num_next, std::cref(o));
       if (direct && i + G == N) return std::apply(group<G, true>, args);
       std::apply(group<G, false>, args);
     };
