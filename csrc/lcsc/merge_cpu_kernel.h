@@ -5,8 +5,8 @@
 //
 // - One output (a single merge, which only memory bandwidth limits). Sources are streamed in
 //   groups of eight, each over the whole tile, folded into one float32 accumulator row in L2
-//   (the last group writes float32 outputs directly); the next group's stretch is prefetched
-//   meanwhile. Long runs per source keep DRAM busy.
+//   (the last group writes float32 outputs directly). A tile's stretch of each source is one
+//   sequential run of 32 or 64 KiB, long enough for the hardware prefetchers on their own.
 // - K >= 2 outputs (a population batch, K fmas per source element, which has to be compute
 //   efficient too). Up to 8 outputs x C vectors of accumulators stay in registers while the
 //   sources of a group stream through: each source vector is loaded once and feeds 8 x C fmas
@@ -158,20 +158,11 @@ struct Tile {
 
   // acc[j] += sum_{u<G} coeffs[u] * src[u][begin + j], one fma at a time in u order, starting
   // from zero instead of acc when `first`; when kWrite, out[begin + j] = base[begin + j] + that
-  // sum (the order finish() adds them in) instead of acc. While it runs, the same elements of
-  // the next group's sources (next[0..num_next)) are prefetched: a tile's stretch of one source
-  // is too short for the hardware prefetcher to ramp up on its own.
+  // sum (the order finish() adds them in) instead of acc.
   template <int G, int32_t D, bool kWrite>
   static void accumulate_group(const void* const* src, const int32_t* dtypes,
                                const float* coeffs, int64_t begin, int64_t len, float* acc,
-                               bool first, const void* const* next, const int32_t* next_dtypes,
-                               int num_next, const Out& o) {
-    auto prefetch_next = [&](int64_t j) {
-      for (int u = 0; u < num_next; ++u) {
-        __builtin_prefetch(static_cast<const char*>(next[u]) +
-                           (begin + j) * lcsc::dtype_nbytes(next_dtypes[u]));
-      }
-    };
+                               bool first, const Out& o) {
     // The base is loaded before the output is stored, so the output may be the base itself.
     auto put = [&](int64_t j, Reg r) LCSC_ALWAYS_INLINE {
       if constexpr (!kWrite) {
@@ -190,7 +181,6 @@ struct Tile {
     // feeds two fmas.
     if constexpr (V::kPairs) {
       for (; j + 2 * W <= len; j += 2 * W) {
-        prefetch_next(j);
         Reg r0 = first ? V::zero() : V::load_acc(acc + j);
         Reg r1 = first ? V::zero() : V::load_acc(acc + j + W);
         for (int u = 0; u < G; ++u) {
@@ -203,7 +193,6 @@ struct Tile {
       }
     }
     for (; j + W <= len; j += W) {
-      prefetch_next(j);
       Reg r = first ? V::zero() : V::load_acc(acc + j);
       for (int u = 0; u < G; ++u) {
         r = V::fma(V::broadcast(coeffs[u]), load_src<D>(src, dtypes, u, begin + j), r);
@@ -225,13 +214,11 @@ struct Tile {
 
   template <int G, bool kWrite>
   static void group(const void* const* src, const int32_t* dtypes, const float* coeffs,
-                    int64_t begin, int64_t len, float* acc, bool first, int num_next,
-                    const Out& o) {
+                    int64_t begin, int64_t len, float* acc, bool first, const Out& o) {
     const int32_t d = dtypes[0];
     bool uniform = true;
     for (int u = 1; u < G; ++u) uniform = uniform && dtypes[u] == d;
-    const auto args = std::make_tuple(src, dtypes, coeffs, begin, len, acc, first, src + G,
-                                      dtypes + G, num_next, std::cref(o));
+    const auto args = std::make_tuple(src, dtypes, coeffs, begin, len, acc, first, std::cref(o));
     if (!uniform) return std::apply(accumulate_group<G, kMixed, kWrite>, args);
     switch (d) {
       case kBFloat16: return std::apply(accumulate_group<G, kBFloat16, kWrite>, args);
@@ -257,9 +244,8 @@ struct Tile {
     }
     auto run = [&](auto g, int64_t i) {
       constexpr int G = decltype(g)::value;
-      const int num_next = int(std::min<int64_t>(8, N - i - G));
       const auto args = std::make_tuple(src + i, dtypes + i, a.coeffs + i, s.begin, s.len, acc,
-                                        i == 0, num_next, std::cref(o));
+                                        i == 0, std::cref(o));
       if (direct && i + G == N) return std::apply(group<G, true>, args);
       std::apply(group<G, false>, args);
     };
