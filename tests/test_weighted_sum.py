@@ -439,6 +439,29 @@ def test_simd_matches_scalar(restore_simd, level, src_kind, out_kind, base_dtype
         assert_bitwise_equal(b, a, f"{level} vs scalar, result {i}")
 
 
+@pytest.mark.parametrize("with_base", param("base", (False, True)))
+@pytest.mark.parametrize("out_kind", param("out", OUT_KINDS))
+@pytest.mark.parametrize("level", param("simd", SIMD_LEVELS))
+def test_all_bf16_single_merge_matches_scalar_over_groups_and_tiles(restore_simd, level,
+                                                                    out_kind, with_base):
+    """A single merge of bf16 sources only (which AVX-512 sums as even and odd lanes until the
+    last group of sources) gives the scalar fallback's bits: 19 sources (groups of 8, 8, 1, 1
+    and 1), three tiles, the last one ending in pairs of vectors, one vector and a scalar tail,
+    sources at unaligned addresses."""
+    g = generator("bf16-even-odd", out_kind, with_base)
+    numel, n = 2 * 16384 + 3 * 32 + 16 + 5, 19
+    out_dtype = DTYPES[out_kind]
+    sources, _, _ = pooled_sources(numel, n, "bf16", g)
+    coeffs = fp32_coeffs(n, g)
+    base = randn(numel, torch.bfloat16, g) if with_base else None
+
+    def run():
+        return lcsc_fast.weighted_sum(nan_like(numel, out_dtype), sources, coeffs, base=base)
+
+    results = _run_at_levels(("scalar", level), run)
+    assert_bitwise_equal(results[level], results["scalar"], f"{level} vs scalar")
+
+
 @pytest.mark.parametrize("out_kind", param("out", OUT_KINDS))
 @pytest.mark.parametrize("level", param("simd", ("scalar",) + SIMD_LEVELS))
 def test_ragged_tails_and_guard_bands(restore_simd, level, out_kind):

@@ -17,6 +17,7 @@ struct Avx2 {
   static constexpr int64_t kWidth = 8;
   static constexpr int kAccRegs = 12;  // a batch's accumulators: 12 of the 16 registers
   static constexpr bool kPairs = false;
+  static constexpr bool kBf16EvenOdd = false;
 
   template <int32_t D>
   static __m256 load(const void* p, int64_t i) {

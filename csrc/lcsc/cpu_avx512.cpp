@@ -17,6 +17,7 @@ struct Avx512 {
   static constexpr int64_t kWidth = 16;
   static constexpr int kAccRegs = 24;  // a batch's accumulators: 24 of the 32 registers
   static constexpr bool kPairs = true;  // a single merge does two vectors per step
+  static constexpr bool kBf16EvenOdd = true;  // see merge_cpu_kernel.h
 
   template <int32_t D>
   static __m512 load(const void* p, int64_t i) {
@@ -61,6 +62,23 @@ struct Avx512 {
     } else {
       _mm256_storeu_si256(dst, h);
     }
+  }
+
+  // bf16 elements [i, i + 32) as float32: the even ones in `even`, the odd ones in `odd`.
+  static void load_bf16_even_odd(const void* p, int64_t i, __m512& even, __m512& odd) {
+    const __m512i x = _mm512_loadu_si512(static_cast<const uint16_t*>(p) + i);
+    even = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+    odd = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(int(0xffff0000u))));
+  }
+
+  // (even, odd) of 32 elements back to elements [0, 16) and [16, 32) in order.
+  static void interleave(__m512& even, __m512& odd) {
+    const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i hi =
+        _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+    const __m512 first = _mm512_permutex2var_ps(even, lo, odd);
+    odd = _mm512_permutex2var_ps(even, hi, odd);
+    even = first;
   }
 
   static __m512 load_acc(const float* p) { return _mm512_loadu_ps(p); }

@@ -11,6 +11,7 @@ struct Scalar {
   static constexpr int64_t kWidth = 1;
   static constexpr int kAccRegs = 8;  // a batch's accumulators: 8 of the 16 SSE registers
   static constexpr bool kPairs = false;
+  static constexpr bool kBf16EvenOdd = false;
   template <int32_t D>
   static float load(const void* p, int64_t i) { return lcsc::load_as_float(p, i, D); }
   template <int32_t D, bool kStream = false>

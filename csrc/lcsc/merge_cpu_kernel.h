@@ -78,6 +78,11 @@ using lcsc::cpu::Job;
 using lcsc::cpu::Span;
 
 constexpr int32_t kMixed = -1;  // sources of a group with different dtypes
+// A single merge whose sources are all bf16, at a level with V::kBf16EvenOdd: two vectors of
+// sums hold the even and the odd elements of 2W, so one load of 2W bf16 values feeds both
+// (a shift and a mask instead of two widening loads and two shifts); the last group puts them
+// back in order. The same fmas in the same order per element: the same bits.
+constexpr int32_t kBFloat16EvenOdd = -2;
 constexpr int32_t kNoBase = -1;
 
 // Prefetches the lines of some sources' stretch of a span into L2, source after source, a few
@@ -158,11 +163,13 @@ struct Tile {
 
   // acc[j] += sum_{u<G} coeffs[u] * src[u][begin + j], one fma at a time in u order, starting
   // from zero instead of acc when `first`; when kWrite, out[begin + j] = base[begin + j] + that
-  // sum (the order finish() adds them in) instead of acc.
+  // sum (the order finish() adds them in) instead of acc. With kBFloat16EvenOdd, acc holds each
+  // 2W elements as their even then their odd ones until the `last` group.
   template <int G, int32_t D, bool kWrite>
   static void accumulate_group(const void* const* src, const int32_t* dtypes,
                                const float* coeffs, int64_t begin, int64_t len, float* acc,
-                               bool first, const Out& o) {
+                               bool first, bool last, const Out& o) {
+    constexpr int32_t DL = D == kBFloat16EvenOdd ? kBFloat16 : D;  // for one vector at a time
     // The base is loaded before the output is stored, so the output may be the base itself.
     auto put = [&](int64_t j, Reg r) LCSC_ALWAYS_INLINE {
       if constexpr (!kWrite) {
@@ -183,10 +190,21 @@ struct Tile {
       for (; j + 2 * W <= len; j += 2 * W) {
         Reg r0 = first ? V::zero() : V::load_acc(acc + j);
         Reg r1 = first ? V::zero() : V::load_acc(acc + j + W);
-        for (int u = 0; u < G; ++u) {
-          const Reg c = V::broadcast(coeffs[u]);
-          r0 = V::fma(c, load_src<D>(src, dtypes, u, begin + j), r0);
-          r1 = V::fma(c, load_src<D>(src, dtypes, u, begin + j + W), r1);
+        if constexpr (D == kBFloat16EvenOdd) {
+          for (int u = 0; u < G; ++u) {
+            const Reg c = V::broadcast(coeffs[u]);
+            Reg even, odd;
+            V::load_bf16_even_odd(src[u], begin + j, even, odd);
+            r0 = V::fma(c, even, r0);
+            r1 = V::fma(c, odd, r1);
+          }
+          if (last) V::interleave(r0, r1);
+        } else {
+          for (int u = 0; u < G; ++u) {
+            const Reg c = V::broadcast(coeffs[u]);
+            r0 = V::fma(c, load_src<D>(src, dtypes, u, begin + j), r0);
+            r1 = V::fma(c, load_src<D>(src, dtypes, u, begin + j + W), r1);
+          }
         }
         put(j, r0);
         put(j + W, r1);
@@ -195,7 +213,7 @@ struct Tile {
     for (; j + W <= len; j += W) {
       Reg r = first ? V::zero() : V::load_acc(acc + j);
       for (int u = 0; u < G; ++u) {
-        r = V::fma(V::broadcast(coeffs[u]), load_src<D>(src, dtypes, u, begin + j), r);
+        r = V::fma(V::broadcast(coeffs[u]), load_src<DL>(src, dtypes, u, begin + j), r);
       }
       put(j, r);
     }
@@ -212,14 +230,20 @@ struct Tile {
     }
   }
 
+  // even_odd: every source of the merge is bf16 (kBFloat16EvenOdd applies to all its groups).
   template <int G, bool kWrite>
   static void group(const void* const* src, const int32_t* dtypes, const float* coeffs,
-                    int64_t begin, int64_t len, float* acc, bool first, const Out& o) {
+                    int64_t begin, int64_t len, float* acc, bool first, bool last, bool even_odd,
+                    const Out& o) {
     const int32_t d = dtypes[0];
     bool uniform = true;
     for (int u = 1; u < G; ++u) uniform = uniform && dtypes[u] == d;
-    const auto args = std::make_tuple(src, dtypes, coeffs, begin, len, acc, first, std::cref(o));
+    const auto args =
+        std::make_tuple(src, dtypes, coeffs, begin, len, acc, first, last, std::cref(o));
     if (!uniform) return std::apply(accumulate_group<G, kMixed, kWrite>, args);
+    if constexpr (V::kBf16EvenOdd) {
+      if (even_odd) return std::apply(accumulate_group<G, kBFloat16EvenOdd, kWrite>, args);
+    }
     switch (d) {
       case kBFloat16: return std::apply(accumulate_group<G, kBFloat16, kWrite>, args);
       case kFloat16: return std::apply(accumulate_group<G, kFloat16, kWrite>, args);
@@ -242,10 +266,12 @@ struct Tile {
       const auto p = reinterpret_cast<uintptr_t>(o.out + s.begin);
       o.stream = job.stream && p % (W * sizeof(float)) == 0;
     }
+    const bool even_odd =
+        std::all_of(dtypes, dtypes + N, [](int32_t d) { return d == kBFloat16; });
     auto run = [&](auto g, int64_t i) {
       constexpr int G = decltype(g)::value;
       const auto args = std::make_tuple(src + i, dtypes + i, a.coeffs + i, s.begin, s.len, acc,
-                                        i == 0, std::cref(o));
+                                        i == 0, i + G == N, even_odd, std::cref(o));
       if (direct && i + G == N) return std::apply(group<G, true>, args);
       std::apply(group<G, false>, args);
     };
