@@ -17,7 +17,8 @@ Beyond accuracy: base dtypes, shapes, coefficient containers, the batched op (bi
 single calls per row), exact aliasing (out is base, out is a source, batched rows that are the
 base or a source), determinism (repeat runs and 1 vs 2 threads bitwise equal), every SIMD level
 bitwise equal to the scalar fallback (all dtype combinations, ragged tails, guard bands around
-out), N = 4096, and special values (inf/NaN propagation like torch, fp16 overflow, subnormals,
+out), large batches of sources at one page offset (read from a packed copy) bitwise equal to
+single merges, N = 4096, and special values (inf/NaN propagation like torch, fp16 overflow, subnormals,
 round-to-nearest-even conversion of the float32 accumulator, exhaustively for 16-bit sources).
 """
 
@@ -684,3 +685,40 @@ def test_large_outputs_written_with_streaming_stores_match_scalar(restore_simd, 
     for kind, tensors in results.items():
         for a, b in zip(fast[kind], tensors):
             assert_bitwise_equal(a, b, f"{kind}: streaming vs scalar")
+
+
+def at_page_start(numel: int, dtype: torch.dtype, g: torch.Generator) -> torch.Tensor:
+    """randn values in a tensor whose data starts at a 4 KiB boundary."""
+    per_page = 4096 // dtype.itemsize
+    storage = torch.empty(numel + per_page, dtype=dtype)
+    skip = (-storage.data_ptr() % 4096) // dtype.itemsize
+    return storage[skip:skip + numel].copy_(randn(numel, dtype, g))
+
+
+@pytest.mark.parametrize("level", param("simd", ("scalar",) + SIMD_LEVELS))
+@pytest.mark.parametrize("src_kind", param("src", ("fp32", "bf16", "mixed")))
+@pytest.mark.parametrize("n", param("n", (5, 32, 33)))
+def test_large_batch_of_sources_at_one_page_offset_matches_single_merges(restore_simd, level,
+                                                                         src_kind, n):
+    """Sources that all start at one offset within a 4 KiB page (separate allocations, a tensor
+    at one offset in each checkpoint file) fall in the same sets of a virtually indexed L1. In a
+    merge too large for the caches, a batch copies each tile's stretch of up to 32 of them into
+    a panel and reads them there (33 are read in place). Either way every output equals the
+    single merge of its row bit for bit, over a ragged tail and with a base; an output that is
+    itself one of the sources (fp32) gets the sum of the sources' values from before the
+    merge."""
+    use_simd_level(level)
+    g = generator("page offset", level, src_kind, n)
+    numel = (1 << 21) + 37  # 8 outputs of 8 MiB: large enough for streaming stores
+    sources = [at_page_start(numel, src_dtype(src_kind, i), g) for i in range(n)]
+    assert len({s.data_ptr() % 4096 for s in sources}) == 1
+    base = randn(numel, torch.float32, g)
+    coeffs = [fp32_coeffs(n, g) for _ in range(8)]
+    singles = [lcsc_fast.weighted_sum(torch.empty(numel), sources, row, base=base)
+               for row in coeffs]
+    outs = [torch.empty(numel) for _ in range(8)]
+    if src_kind == "fp32":
+        outs[3] = sources[n - 2]  # written by the batch that reads it
+    lcsc_fast.weighted_sum_batched(outs, sources, coeffs, base=base)
+    for k, (out, single) in enumerate(zip(outs, singles)):
+        assert_bitwise_equal(out, single, f"output {k}")

@@ -214,7 +214,8 @@ void merge_cpu(const MergeArgs& a, int num_threads, bool guard_faults) {
   const int64_t useful = std::max<int64_t>(1, source_nbytes * K >> 22);
   const int threads = static_cast<int>(std::clamp<int64_t>(num_threads, 1, std::min(total, useful)));
   const cpu::TileFn run_tile = kernels(current_level()).tile;
-  std::unique_ptr<float[]> scratch(new float[K * tile * threads]);
+  const int64_t scratch_floats = cpu::scratch_floats(K, tile);
+  std::unique_ptr<float[]> scratch(new float[scratch_floats * threads]);
   auto span = [&](int64_t g) {
     const int64_t t = std::upper_bound(first_tile.begin(), first_tile.end(), g) -
                       first_tile.begin() - 1;
@@ -226,7 +227,7 @@ void merge_cpu(const MergeArgs& a, int num_threads, bool guard_faults) {
   const bool ok = run_tiles(total, threads, Schedule::kStatic, guard_faults, stream,
                             [&](int64_t g, int worker) {
     run_tile(job, span(g), g + 1 < total ? span(g + 1) : cpu::Span{},
-             scratch.get() + K * tile * worker);
+             scratch.get() + scratch_floats * worker);
   });
   if (!ok) {
     throw std::runtime_error(
