@@ -452,7 +452,8 @@ struct Tile {
   // fp32 and bf16, N = 16 and 32, K = 8, packed / in place: 0.44-0.84x in the benchmark's
   // layout and 0.44-0.79x with sources 128 MiB + 4 KiB to 129 MiB apart; where reading in
   // place was already fast it costs 1.06x (bf16, N = 32, 32 MiB apart) and 1.07x (fp32,
-  // N = 16, exactly 128 MiB apart). At N = 64 it took 1.11-1.21x (32 MiB apart): hence the cap.
+  // N = 16, exactly 128 MiB apart). At N = 64 (the benchmark's sources, 32 MiB apart) it took
+  // 1.35x (fp32) and 1.08x (bf16): hence the cap.
   // Elements [begin, begin + len) of every source are copied; rows[j] gets source u0 + j's.
   static bool pack(const Sources& g, int64_t begin, int64_t len, char* panel,
                    const void** rows) {
