@@ -18,8 +18,9 @@ single calls per row), exact aliasing (out is base, out is a source, batched row
 base or a source), determinism (repeat runs and 1 vs 2 threads bitwise equal), every SIMD level
 bitwise equal to the scalar fallback (all dtype combinations, ragged tails, guard bands around
 out), large batches of sources at one page offset (read from a packed copy) bitwise equal to
-single merges, N = 4096, and special values (inf/NaN propagation like torch, fp16 overflow, subnormals,
-round-to-nearest-even conversion of the float32 accumulator, exhaustively for 16-bit sources).
+single merges, N = 4096, and special values (inf/NaN propagation like torch, fp16 overflow,
+subnormals, round-to-nearest-even conversion of the float32 accumulator, exhaustively for 16-bit
+sources).
 """
 
 from __future__ import annotations
