@@ -17,10 +17,10 @@ Beyond accuracy: base dtypes, shapes, coefficient containers, the batched op (bi
 single calls per row), exact aliasing (out is base, out is a source, batched rows that are the
 base or a source), determinism (repeat runs and 1 vs 2 threads bitwise equal), every SIMD level
 bitwise equal to the scalar fallback (all dtype combinations, ragged tails, guard bands around
-out), large batches of sources at one page offset (read from a packed copy) bitwise equal to
-single merges, N = 4096, and special values (inf/NaN propagation like torch, fp16 overflow,
-subnormals, round-to-nearest-even conversion of the float32 accumulator, exhaustively for 16-bit
-sources).
+out), large batches of sources at one page offset (read from a packed copy) and with 16-bit
+outputs (written from scratch) bitwise equal to single merges, N = 4096, and special values
+(inf/NaN propagation like torch, fp16 overflow, subnormals, round-to-nearest-even conversion of
+the float32 accumulator, exhaustively for 16-bit sources).
 """
 
 from __future__ import annotations
@@ -720,6 +720,28 @@ def test_large_batch_of_sources_at_one_page_offset_matches_single_merges(restore
     outs = [torch.empty(numel) for _ in range(8)]
     if src_kind == "fp32":
         outs[3] = sources[n - 2]  # written by the batch that reads it
+    lcsc_fast.weighted_sum_batched(outs, sources, coeffs, base=base)
+    for k, (out, single) in enumerate(zip(outs, singles)):
+        assert_bitwise_equal(out, single, f"output {k}")
+
+
+@pytest.mark.parametrize("level", param("simd", ("scalar",) + SIMD_LEVELS))
+@pytest.mark.parametrize("out_dtype", param("out", (torch.float16, torch.bfloat16)))
+def test_large_batch_with_16bit_outputs_matches_single_merges(restore_simd, level, out_dtype):
+    """A batch with 16-bit outputs keeps a tile's sums in scratch until its last source group
+    and then writes a 64-byte line of each output at a time, with streaming stores once the
+    outputs reach 64 MiB. K = 8 (one full group of outputs) over a ragged tail: every output
+    equals the single merge of its row bit for bit, also the one that is the base itself."""
+    use_simd_level(level)
+    g = generator("16-bit batch", level, out_dtype)
+    numel = (1 << 22) + 45  # 8 outputs of 8 MiB
+    sources = [randn(numel, src_dtype("mixed", i), g) for i in range(3)]
+    base = randn(numel, out_dtype, g)
+    coeffs = [fp32_coeffs(3, g) for _ in range(8)]
+    singles = [lcsc_fast.weighted_sum(torch.empty(numel, dtype=out_dtype), sources, row,
+                                      base=base) for row in coeffs]
+    outs = [torch.empty(numel, dtype=out_dtype) for _ in range(8)]
+    outs[5] = base
     lcsc_fast.weighted_sum_batched(outs, sources, coeffs, base=base)
     for k, (out, single) in enumerate(zip(outs, singles)):
         assert_bitwise_equal(out, single, f"output {k}")

@@ -11,7 +11,8 @@
 //   efficient too). Up to 8 outputs x C vectors of accumulators stay in registers while the
 //   sources of a group stream through: each source vector is loaded once and feeds 8 x C fmas
 //   with no accumulator traffic; after the last group, float32 outputs are written straight
-//   from those registers. The tile is short (2 KiB of each source), so that a group's
+//   from those registers (16-bit ones from scratch once the tile is summed, a line of each
+//   output at a time). The tile is short (2 KiB of each source), so that a group's
 //   stretch of every source fits in L2, and the next group's (or the next tile's) stretch is
 //   prefetched into L2 one source after the other, in sequential runs, while this one computes.
 //   Large merges of up to 32 sources that share their offset within a page read a packed
@@ -307,7 +308,8 @@ struct Tile {
 
   // Elements [e, e + C*W) of tensor t, outputs [k0, k0 + KB), sources g: the KB x C
   // accumulators start from zero (first) or from their scratch rows, and end in those rows
-  // (acc: row k of output k, rows job.tile floats apart) or, when `write`, in the outputs.
+  // (acc: row k of output k, rows job.tile floats apart) or, when `write` (float32 outputs
+  // only), in the outputs.
   // LCSC_UNROLL (elementwise.h) keeps r in registers: without it, about 100 extra vector moves
   // per call.
   template <int KB, int C, int32_t D>
@@ -332,16 +334,13 @@ struct Tile {
         LCSC_UNROLL for (int c = 0; c < C; ++c) r[kk][c] = V::fma(b, s[c], r[kk][c]);
       }
     }
-    // float32 outputs (the usual) are written straight from the registers; 16-bit ones through
-    // scratch, which keeps the code that each instantiation carries small.
-    if (write && a.out_dtypes[t] == kFloat32) {
+    if (write) {
       return stream ? write_chunk<KB, C, true>(a, t, e, k0, r, acc, ld)
                     : write_chunk<KB, C, false>(a, t, e, k0, r, acc, ld);
     }
     LCSC_UNROLL for (int kk = 0; kk < KB; ++kk) {
       LCSC_UNROLL for (int c = 0; c < C; ++c) V::store_acc(rows + kk * ld + c * W, r[kk][c]);
     }
-    if (write) finish(a, t, e, C * W, acc, ld, K, stream);
   }
 
   // Writes elements [e, e + C*W) of every (float32) output of tensor t once all their sources
@@ -371,8 +370,8 @@ struct Tile {
   }
 
   // Elements [e, e + C*W), sources g, every output: in groups of KB0 outputs, then the rest in
-  // groups of 4, 2 and 1, all at the same C. `write`: these are the last sources, and the last
-  // output group writes every output of the chunk.
+  // groups of 4, 2 and 1, all at the same C. `write`: these are the last sources and the
+  // outputs are float32, so the last output group writes every output of the chunk.
   template <int KB0, int C, int32_t D>
   static void chunk(const Job& job, int64_t t, int64_t e, const Sources& g, bool first,
                     bool write, bool stream, float* acc, Prefetcher* pf) {
@@ -413,6 +412,9 @@ struct Tile {
     for (int64_t k = 0; k < a.num_outputs && stream; ++k) {
       stream = (reinterpret_cast<uintptr_t>(a.outs[k * T + s.t]) & align_mask) == 0;
     }
+    // float32 outputs are written chunk by chunk from the registers; 16-bit ones once the last
+    // group has left the whole tile's sums in scratch, line after line of each (finish).
+    const bool direct = a.out_dtypes[s.t] == kFloat32;
     char* panel = align64(reinterpret_cast<char*>(acc + a.num_outputs * job.tile));
     const void* packed[kPackMaxSources];
     for (int64_t u0 = 0; u0 < N; u0 += G) {
@@ -425,15 +427,17 @@ struct Tile {
       if (job.stream && pack(g, s.begin, vectors, panel, packed)) {
         g = {packed, g.dtypes, s.begin, u0, u1};
       }
+      const bool write = last && direct;
       for (int64_t j = 0; j < full; j += C * W) {
-        chunk<KB0, C, D>(job, s.t, s.begin + j, g, first, last, stream, acc + j, &pf);
+        chunk<KB0, C, D>(job, s.t, s.begin + j, g, first, write, stream, acc + j, &pf);
       }
       if constexpr (C > 1) {
         for (int64_t j = full; j < vectors; j += W) {
-          chunk<KB0, 1, D>(job, s.t, s.begin + j, g, first, last, stream, acc + j, &pf);
+          chunk<KB0, 1, D>(job, s.t, s.begin + j, g, first, write, stream, acc + j, &pf);
         }
       }
     }
+    if (!direct) finish(a, s.t, s.begin, vectors, acc, job.tile, a.num_outputs, job.stream);
   }
 
   static char* align64(char* p) {
@@ -544,20 +548,33 @@ struct Tile {
         stream = p % bytes == 0;
       }
     }
+    // Every output's block of NV vectors in turn, its stores one after the other: NV = L makes
+    // a 64-byte line, so that non-temporal stores combine into whole-line writes. (A vector of
+    // every output at a time interleaves K outputs' half-lines when they are 16-bit.)
+    constexpr int64_t L = std::max<int64_t>(1, 64 / (W * (OD == kFloat32 ? 4 : 2)));
     int64_t j = 0;
-    for (; j + W <= len; j += W) {
-      Reg b{};
-      if constexpr (BD != kNoBase) b = V::template load<BD>(base, e + j);
-      for (int64_t k = 0; k < K; ++k) {
-        Reg r = V::load_acc(acc + k * ld + j);
-        if constexpr (BD != kNoBase) r = V::add(r, b);
-        if (stream) {
-          V::template store<OD, true>(a.outs[k * T + t], e + j, r);
-        } else {
-          V::template store<OD>(a.outs[k * T + t], e + j, r);
+    auto blocks = [&](auto num_vectors) LCSC_ALWAYS_INLINE {
+      constexpr int64_t NV = decltype(num_vectors)::value;
+      for (; j + NV * W <= len; j += NV * W) {
+        Reg b[NV]{};
+        if constexpr (BD != kNoBase) {
+          for (int64_t v = 0; v < NV; ++v) b[v] = V::template load<BD>(base, e + j + v * W);
+        }
+        for (int64_t k = 0; k < K; ++k) {
+          for (int64_t v = 0; v < NV; ++v) {
+            Reg r = V::load_acc(acc + k * ld + j + v * W);
+            if constexpr (BD != kNoBase) r = V::add(r, b[v]);
+            if (stream) {
+              V::template store<OD, true>(a.outs[k * T + t], e + j + v * W, r);
+            } else {
+              V::template store<OD>(a.outs[k * T + t], e + j + v * W, r);
+            }
+          }
         }
       }
-    }
+    };
+    blocks(std::integral_constant<int64_t, L>{});
+    if constexpr (L > 1) blocks(std::integral_constant<int64_t, 1>{});
     for (; j < len; ++j) {
       float b = 0.f;
       if constexpr (BD != kNoBase) b = lcsc::load_as_float(base, e + j, BD);
