@@ -17,7 +17,8 @@ What is compared, for out = sum_i c_i * theta_i over N checkpoints of a model-sh
 
 and, for evaluating a population of K=8 candidate coefficient vectors on flat buffers,
 lcsc_fast.weighted_sum_batched (one pass over the sources for all K outputs) against 8 calls of
-lcsc_fast.weighted_sum; the ratio of their per-candidate throughputs is reported (target >= 5x).
+lcsc_fast.weighted_sum; the ratio of their per-candidate throughputs is reported (target >= 5x,
+float32 outputs). The batched op is also timed into bfloat16 outputs (a bf16 model's buffers).
 
 The state dict is a synthetic DDPM-style U-Net (304 tensors: convolutions, biases, GroupNorm
 weights, attention qkv/proj and time-embedding matrices; channel multipliers 1,2,2,2, two
@@ -55,7 +56,8 @@ accumulate in float32, so a correct one lands near plain torch's error whatever 
 order, while a wrong coefficient, a skipped or doubled source, or a bad tail is orders of
 magnitude off. Outputs are filled with NaN before each method, so one that writes nothing fails.
 A method that fails is printed as FAILED and never timed. The population outputs are checked the
-same way on the first and last 32768 elements of the flat buffers.
+same way on the first and last 32768 elements of the flat buffers; bfloat16 ones against plain
+torch's float32 sums rounded to bfloat16, with eps_bf16 in place of eps_fp32.
 
 Timing: one warm-up (the validated run), then R repeats (default 3) timed with perf_counter
 (after torch.cuda.synchronize on CUDA); min and median are reported, GB/s counts the N source
@@ -64,9 +66,10 @@ tensors' bytes per merge and uses the min time. torch's default thread count is 
 Same-moment figures. A shared machine's memory bandwidth can move by a third within minutes,
 so two figures taken a minute apart may compare different machines. Two comparisons are
 therefore also made round by round, in alternation: the batched op and the 8 single merges
-(the ratio is reported from the minima and as the median over rounds), and the MergePlan merge
-against the read probe over the bandwidth buffer (the merge's share of the read bandwidth of
-the same round, median over R rounds).
+(the ratio is reported from the minima and as the median over rounds; the batched op into
+bfloat16 outputs runs in the same rounds), and the MergePlan merge against the read probe over
+the bandwidth buffer (the merge's share of the read bandwidth of the same round, median over R
+rounds).
 
 Traffic yardstick (CPU). In the same rounds as the population ops, lcsc_fast._C.traffic_probe
 reads the population's sources and writes K outputs, then one: the same bytes as the batched op
@@ -345,8 +348,8 @@ class Check:
     torch_err: float
 
 
-def tolerance(torch_err: float, ref_max_abs: float) -> float:
-    return 2.0 * torch_err + EPS_FP32 * ref_max_abs
+def tolerance(torch_err: float, ref_max_abs: float, eps: float = EPS_FP32) -> float:
+    return 2.0 * torch_err + eps * ref_max_abs
 
 
 def max_abs_err(outs: list[torch.Tensor], refs: list[torch.Tensor]) -> float:
@@ -389,24 +392,26 @@ def end_slices(t: torch.Tensor) -> torch.Tensor:
 
 
 class PopulationOracle:
-    """fp64 reference and plain-torch error for the K candidates, on the flat buffers' ends."""
+    """fp64 reference and plain-torch error for the K candidates, on the flat buffers' ends;
+    plain torch sums in float32 and rounds once to the outputs' dtype."""
 
     def __init__(self, d: MergeData):
         sample = [end_slices(f) for f in d.flats]
         self.refs = reference.weighted_sum_batched(sample, d.pop_coeffs)
         self.ref_max_abs = max(r.abs().max().item() for r in self.refs)
-        plain = []
+        self.plain = []
         for row in d.pop_coeffs:
             acc = torch.zeros(sample[0].shape, dtype=torch.float32, device=sample[0].device)
             for c, s in zip(row, sample):
                 acc.add_(s, alpha=c)
-            plain.append(acc)
-        self.torch_err = max_abs_err(plain, self.refs)
-        self.tol = tolerance(self.torch_err, self.ref_max_abs)
+            self.plain.append(acc)
 
     def check(self, outs: list[torch.Tensor]) -> Check:
+        dtype = outs[0].dtype
+        torch_err = max_abs_err([p.to(dtype) for p in self.plain], self.refs)
+        tol = tolerance(torch_err, self.ref_max_abs, torch.finfo(dtype).eps)
         err = max_abs_err([end_slices(o) for o in outs], self.refs)
-        return Check(err <= self.tol, err, self.tol, self.torch_err)
+        return Check(err <= tol, err, tol, torch_err)
 
 
 # ---------------------------------------------------------------- timing
@@ -651,51 +656,62 @@ def finish_rows(rows: list[dict], source_nbytes: int, read_gbps: float) -> None:
 
 
 def run_population(d: MergeData, repeats: int) -> dict:
-    """K candidates at once (weighted_sum_batched) against K single fused weighted_sums."""
+    """K candidates at once (weighted_sum_batched) against K single fused weighted_sums, into
+    float32 outputs; and the batched op into bfloat16 ones (result["bf16_outputs"])."""
     device, sync = d.cfg.device, synchronizer(d.cfg.device)
     oracle = PopulationOracle(d)
     outs = [torch.empty(d.params, dtype=torch.float32, device=device)
             for _ in range(POPULATION_K)]
+    bf16_outs = [torch.empty(d.params, dtype=torch.bfloat16, device=device)
+                 for _ in range(POPULATION_K)]
 
-    def batched():
-        lcsc_fast.weighted_sum_batched(outs, d.flats, d.pop_coeffs)
+    def batched(into):
+        return lambda: lcsc_fast.weighted_sum_batched(into, d.flats, d.pop_coeffs)
 
     def singles():
         for out, row in zip(outs, d.pop_coeffs):
             lcsc_fast.weighted_sum(out, d.flats, row)
 
     result = {"k": POPULATION_K, "elems": d.params, "source_nbytes": d.source_nbytes,
-              "validated_elems": oracle.refs[0].numel()}
+              "validated_elems": oracle.refs[0].numel(), "bf16_outputs": {}}
+    bf16 = result["bf16_outputs"]
+    ops = {"batched": (result, "batched", batched(outs), outs),
+           "singles": (result, "singles", singles, outs),
+           "batched bf16": (bf16, "batched", batched(bf16_outs), bf16_outs)}
     timed = {}
-    for label, fn in (("batched", batched), ("singles", singles)):
-        for out in outs:
+    for name, (part, label, fn, written) in ops.items():
+        for out in written:
             out.fill_(float("nan"))
         try:
             fn()
             sync()
-            check = oracle.check(outs)
+            check = oracle.check(written)
         except Exception as e:
-            result[label] = {"status": "FAILED", "reason": f"{type(e).__name__}: {e}"}
+            part[label] = {"status": "FAILED", "reason": f"{type(e).__name__}: {e}"}
             continue
         if not check.ok:
-            result[label] = {"status": "FAILED", "max_abs_err": check.max_abs_err,
-                             "tol": check.tol,
-                             "reason": f"max abs err {check.max_abs_err:.3g} > tol {check.tol:.3g}"}
+            part[label] = {"status": "FAILED", "max_abs_err": check.max_abs_err, "tol": check.tol,
+                           "reason": f"max abs err {check.max_abs_err:.3g} > tol {check.tol:.3g}"}
             continue
-        result[label] = {"status": "ok", "max_abs_err": check.max_abs_err, "tol": check.tol}
-        timed[label] = fn
-    probes = traffic_probes(d, outs) if len(timed) == 2 else {}
-    # Timed in alternation (batched, then the singles, then the traffic probes, each round), so
-    # that all see the same memory bandwidth: the ratio is what the target is about.
-    for label, seconds in time_alternating({**timed, **probes}, repeats, sync).items():
-        if label in probes:
-            result.setdefault("traffic", {})[label] = {
+        part[label] = {"status": "ok", "max_abs_err": check.max_abs_err, "tol": check.tol}
+        timed[name] = fn
+    fp32_ok = "batched" in timed and "singles" in timed
+    probes = traffic_probes(d, outs) if fp32_ok else {}
+    # Timed in alternation (the ops, then the traffic probes, each round), so that all see the
+    # same memory bandwidth: the ratios are what the target is about.
+    for name, seconds in time_alternating({**timed, **probes}, repeats, sync).items():
+        if name in probes:
+            result.setdefault("traffic", {})[name] = {
                 "seconds": seconds, "min_s": min(seconds), "median_s": statistics.median(seconds)}
             continue
-        result[label].update(seconds=seconds, min_s=min(seconds),
-                             median_s=statistics.median(seconds),
-                             candidates_per_s=POPULATION_K / min(seconds))
-    if len(timed) == 2:
+        part, label = ops[name][:2]
+        part[label].update(seconds=seconds, min_s=min(seconds),
+                           median_s=statistics.median(seconds),
+                           candidates_per_s=POPULATION_K / min(seconds))
+    if "batched" in timed and "batched bf16" in timed:
+        bf16["batched_vs_fp32_outputs_median"] = statistics.median(
+            b / f for b, f in zip(bf16["batched"]["seconds"], result["batched"]["seconds"]))
+    if fp32_ok:
         result["per_candidate_throughput_ratio"] = (result["singles"]["min_s"]
                                                     / result["batched"]["min_s"])
         result["paired_ratio_median"] = statistics.median(
@@ -721,7 +737,7 @@ def run_population(d: MergeData, repeats: int) -> dict:
             b / k for b, k in zip(result["batched"]["seconds"], k_s))
         t["single_x_median"] = statistics.median(
             s / POPULATION_K / o for s, o in zip(result["singles"]["seconds"], one_s))
-    del outs
+    del outs, bf16_outs
     return result
 
 
@@ -797,20 +813,17 @@ def print_rows(rows: list[dict]) -> None:
                   f"{min(p['pct_read_bw_by_round']):.1f}-{max(p['pct_read_bw_by_round']):.1f}%)")
 
 
+def population_op(r: dict, what: str) -> str:
+    if r["status"] != "ok":
+        return f"{what}: FAILED {r['reason']}"
+    return (f"{what}: {fmt_seconds(r['min_s'])} s min, {fmt_seconds(r['median_s'])} s median "
+            f"({r['candidates_per_s']:.1f} candidates/s)")
+
+
 def print_population(p: dict) -> None:
-    parts = []
-    for label, what in (("batched", f"weighted_sum_batched K={p['k']}"),
-                        ("singles", f"{p['k']} x weighted_sum")):
-        r = p[label]
-        if r["status"] == "ok":
-            parts.append(f"{what}: {fmt_seconds(r['min_s'])} s min, "
-                         f"{fmt_seconds(r['median_s'])} s median "
-                         f"({r['candidates_per_s']:.1f} candidates/s)")
-        else:
-            parts.append(f"{what}: FAILED {r['reason']}")
     print(f"population on flat buffers ({p['elems'] / 1e6:.2f}M elements per checkpoint):")
-    for part in parts:
-        print(f"  {part}")
+    print("  " + population_op(p["batched"], f"weighted_sum_batched K={p['k']}"))
+    print("  " + population_op(p["singles"], f"{p['k']} x weighted_sum"))
     if "per_candidate_throughput_ratio" in p:
         ratio = p["per_candidate_throughput_ratio"]
         verdict = "meets" if ratio >= 5 else "BELOW"
@@ -832,6 +845,12 @@ def print_population(p: dict) -> None:
               f"{t['ratio_median']:.2f}x); batched takes "
               f"{t['batched_x_median']:.2f}x its probe's time, a single merge "
               f"{t['single_x_median']:.2f}x (medians)")
+    bf16 = p["bf16_outputs"]
+    line = "  " + population_op(bf16["batched"], "the same batch into bf16 outputs")
+    if "batched_vs_fp32_outputs_median" in bf16:
+        line += (f"; {bf16['batched_vs_fp32_outputs_median']:.2f}x the time of the float32-output "
+                 "batch (median over rounds)")
+    print(line)
 
 
 # ---------------------------------------------------------------- main

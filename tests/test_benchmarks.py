@@ -63,6 +63,12 @@ def test_merge_throughput_quick(device, tmp_path):
             singles["min_s"] / batched["min_s"])
         assert pop["paired_ratio_median"] == pytest.approx(statistics.median(
             s / b for s, b in zip(singles["seconds"], batched["seconds"])))
+        bf16 = pop["bf16_outputs"]  # the batch into bf16 outputs, in the same rounds
+        assert bf16["batched"]["status"] == "ok"
+        assert len(bf16["batched"]["seconds"]) == args["repeats"]
+        assert bf16["batched"]["tol"] > batched["tol"]  # eps of bf16, not of fp32
+        assert bf16["batched_vs_fp32_outputs_median"] == pytest.approx(statistics.median(
+            b / f for b, f in zip(bf16["batched"]["seconds"], batched["seconds"])))
         if device != "cpu":
             assert "traffic" not in pop  # the traffic probe is a CPU one
             continue
