@@ -18,14 +18,18 @@ single calls per row), exact aliasing (out is base, out is a source, batched row
 base or a source), determinism (repeat runs and 1 vs 2 threads bitwise equal), every SIMD level
 bitwise equal to the scalar fallback (all dtype combinations, ragged tails, guard bands around
 out), large batches of sources at one page offset (read from a packed copy) and with 16-bit
-outputs (written from scratch) bitwise equal to single merges, N = 4096, and special values
+outputs (written from scratch) bitwise equal to single merges, large single merges (which
+prefetch their sources) bitwise equal to merges of their halves and unharmed by a source that
+ends at an inaccessible page, N = 4096, and special values
 (inf/NaN propagation like torch, fp16 overflow, subnormals, round-to-nearest-even conversion of
 the float32 accumulator, exhaustively for 16-bit sources).
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
+import mmap
 
 import numpy as np
 import pytest
@@ -723,6 +727,63 @@ def test_large_batch_of_sources_at_one_page_offset_matches_single_merges(restore
     lcsc_fast.weighted_sum_batched(outs, sources, coeffs, base=base)
     for k, (out, single) in enumerate(zip(outs, singles)):
         assert_bitwise_equal(out, single, f"output {k}")
+
+
+@pytest.mark.parametrize("level", param("simd", ("scalar",) + SIMD_LEVELS))
+@pytest.mark.parametrize("src_kind", param("src", ("fp32", "bf16", "mixed")))
+def test_single_merge_larger_than_the_caches_matches_merges_of_its_slices(restore_simd, level,
+                                                                          src_kind):
+    """From 64 MiB of sources on, a single merge also prefetches every source a few KiB ahead
+    of where it reads. The bits stay those of the same merge done in two halves (32 MiB each,
+    no prefetches): 9 sources (a group of 8 and one more), a ragged tail, a base."""
+    use_simd_level(level)
+    g = generator("large single", level, src_kind)
+    n = 9
+    dtypes = [src_dtype(src_kind, i) for i in range(n)]
+    numel = (64 << 20) // sum(d.itemsize for d in dtypes) + 29
+    sources = [randn(numel, d, g) for d in dtypes]
+    assert sum(s.nbytes for s in sources) >= 64 << 20
+    base = randn(numel, torch.float32, g)
+    coeffs = fp32_coeffs(n, g)
+    whole = lcsc_fast.weighted_sum(torch.empty(numel), sources, coeffs, base=base)
+    halves = torch.empty(numel)
+    for part in (slice(0, numel // 2), slice(numel // 2, numel)):
+        lcsc_fast.weighted_sum(halves[part], [s[part] for s in sources], coeffs, base=base[part])
+    assert_bitwise_equal(whole, halves, "whole vs halves")
+
+
+def test_prefetching_past_the_end_of_a_source_is_harmless(restore_simd):
+    """The prefetches run up to 6 KiB past the end of each source. One source ends where an
+    inaccessible page (PROT_NONE) begins: the merge neither faults nor reads it, and its result
+    is the reference's (a prefetch is a hint that never faults)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    g = generator("guard page")
+    n, numel = 8, (8 << 20) // 4 + 3  # 8 float32 sources of 8 MiB: 64 MiB
+    page = mmap.PAGESIZE
+    data_nbytes = -(-numel * 4 // page) * page
+    region = mmap.mmap(-1, data_nbytes + page)
+    view = (ctypes.c_char * (data_nbytes + page)).from_buffer(region)
+    try:
+        guard = ctypes.addressof(view) + data_nbytes
+        if libc.mprotect(guard, page, 0) != 0:  # PROT_NONE
+            pytest.fail(f"mprotect failed: errno {ctypes.get_errno()}")
+        last = torch.frombuffer(region, dtype=torch.float32, count=numel,
+                                offset=data_nbytes - numel * 4)
+        last.copy_(randn(numel, torch.float32, g))
+        sources = [randn(numel, torch.float32, g) for _ in range(n - 1)] + [last]
+        coeffs = fp32_coeffs(n, g)
+        for level in ("scalar",) + SIMD_LEVELS:
+            use_simd_level(level)
+            out = lcsc_fast.weighted_sum(torch.empty(numel), sources, coeffs)
+            ref = reference.weighted_sum(sources, coeffs)
+            assert_within_torch_error(out, torch_weighted_sum(torch.float32, sources, coeffs),
+                                      ref)
+        del last, sources
+    finally:
+        libc.mprotect(ctypes.addressof(view) + data_nbytes, page, 3)  # PROT_READ | PROT_WRITE
+        del view
+        region.close()
 
 
 @pytest.mark.parametrize("level", param("simd", ("scalar",) + SIMD_LEVELS))
