@@ -764,6 +764,7 @@ def test_prefetching_past_the_end_of_a_source_is_harmless(restore_simd):
     data_nbytes = -(-numel * 4 // page) * page
     region = mmap.mmap(-1, data_nbytes + page)
     view = (ctypes.c_char * (data_nbytes + page)).from_buffer(region)
+    last = sources = None  # views of region: dropped before it closes, also when a check fails
     try:
         guard = ctypes.addressof(view) + data_nbytes
         if libc.mprotect(guard, page, 0) != 0:  # PROT_NONE
@@ -779,10 +780,9 @@ def test_prefetching_past_the_end_of_a_source_is_harmless(restore_simd):
             ref = reference.weighted_sum(sources, coeffs)
             assert_within_torch_error(out, torch_weighted_sum(torch.float32, sources, coeffs),
                                       ref)
-        del last, sources
     finally:
         libc.mprotect(ctypes.addressof(view) + data_nbytes, page, 3)  # PROT_READ | PROT_WRITE
-        del view
+        del last, sources, view
         region.close()
 
 
