@@ -730,6 +730,42 @@ def test_large_batch_of_sources_at_one_page_offset_matches_single_merges(restore
 
 
 @pytest.mark.parametrize("level", param("simd", ("scalar",) + SIMD_LEVELS))
+@pytest.mark.parametrize("src_kind", param("src", ("bf16", "mixed")))
+def test_large_batch_of_tensors_packed_and_read_in_place_matches_single_merges(restore_simd,
+                                                                               level, src_kind):
+    """A batch too large for the caches packs a tile's sources when they all start at one page
+    offset and reads them in place otherwise, tile by tile. Tensors whose sources do (several
+    tiles, a ragged last tile, a tensor of one short tile) alternate with tensors whose sources
+    do not; with mixed dtypes, whether a tile's sources share an offset changes from tile to
+    tile. Every output equals the single merge of its row bit for bit."""
+    use_simd_level(level)
+    g = generator("packed and in place", level, src_kind)
+    n = 6
+    sizes = {"a": (1 << 20) + 37, "b": 300_001, "c": 5000, "d": (1 << 20) + 3, "e": 999}
+    staggered = {"b", "e"}  # each source at its own page offset
+    ckpts = [{} for _ in range(n)]
+    for name, numel in sizes.items():
+        for i, ck in enumerate(ckpts):
+            dtype = src_dtype(src_kind, i)
+            t = at_page_start(numel + 64 * i, dtype, g)
+            ck[name] = t[64 * i:] if name in staggered else t[:numel]
+    for name, numel in sizes.items():
+        offsets = {ck[name].data_ptr() % 4096 for ck in ckpts}
+        assert len(offsets) == (n if name in staggered else 1), name
+    target = {name: torch.zeros(numel) for name, numel in sizes.items()}
+    plan = lcsc_fast.MergePlan(target, ckpts, base=0)
+    rows = [fp32_coeffs(n, g) for _ in range(8)]
+    outs = [{name: torch.full((numel,), float("nan")) for name, numel in sizes.items()}
+            for _ in rows]
+    assert 8 * sum(sizes.values()) * 4 >= 64 << 20  # streaming stores, so packing applies
+    plan.merge_batched(rows, outs)
+    for k, (row, out) in enumerate(zip(rows, outs)):
+        plan(row)
+        for name in sizes:
+            assert_bitwise_equal(out[name], target[name], f"output {k}, tensor {name!r}")
+
+
+@pytest.mark.parametrize("level", param("simd", ("scalar",) + SIMD_LEVELS))
 @pytest.mark.parametrize("src_kind", param("src", ("fp32", "bf16", "mixed")))
 def test_single_merge_larger_than_the_caches_matches_merges_of_its_slices(restore_simd, level,
                                                                           src_kind):
