@@ -669,23 +669,49 @@ class MergePlan:
             return None
 
     def _batched_plan(self, outs) -> _Plan | None:
+        """Validates every output, then builds the plan; raises naming every bad output (the
+        error type of the first), so that one call shows all that needs fixing."""
+        problems: list[tuple[type, str]] = []
+        for k, out in enumerate(outs):
+            if not isinstance(out, Mapping):
+                problems.append((TypeError, f"outs[{k}]: expected a dict of tensors, got "
+                                            f"{type(out).__name__}"))
+                continue
+            missing = [name for name in self._job_names if name not in out]
+            if missing:
+                problems.append((ValueError, f"outs[{k}] has no tensor {_few(missing)}"))
+        rows = []
+        for name, t, entries, b in self._jobs:
+            row, first_k = [], None
+            for k, out in enumerate(outs):
+                if not isinstance(out, Mapping) or name not in out:
+                    continue  # reported above
+                o, what = out[name], f"outs[{k}][{name!r}]"
+                try:
+                    _check_tensor(o, what)
+                    _check_like(o, t, what, f"target[{name!r}]")
+                    if row and o.dtype != row[0].dtype:
+                        raise TypeError(f"{what}: dtype {o.dtype} differs from "
+                                        f"outs[{first_k}]'s {row[0].dtype}")
+                except (TypeError, ValueError) as err:
+                    problems.append((type(err), str(err)))
+                    continue
+                first_k = k if first_k is None else first_k
+                row.append(o)
+            rows.append((name, row, entries, b))
+        if problems:
+            error, message = problems[0]
+            if len(problems) > 1:
+                more = "; ".join(m for _, m in problems[1:4])
+                rest = len(problems) - 4
+                message += (f" (and {len(problems) - 1} more: {more}"
+                            + (f"; and {rest} others" if rest > 0 else "") + ")")
+            raise error(message)
         if not self._jobs:
             return None
-        first = self._jobs[0][1]
-        plan = _Plan(first.device, len(self._jobs[0][2]), len(outs),
+        plan = _Plan(self._jobs[0][1].device, len(self._jobs[0][2]), len(outs),
                      num_checkpoints=self._num_checkpoints)
-        for name, t, entries, b in self._jobs:
-            row = []
-            for k, out in enumerate(outs):
-                o = out.get(name) if isinstance(out, Mapping) else None
-                if o is None:
-                    raise ValueError(f"outs[{k}] has no tensor {name!r}")
-                _check_tensor(o, f"outs[{k}][{name!r}]")
-                _check_like(o, t, f"outs[{k}][{name!r}]", f"target[{name!r}]")
-                if row and o.dtype != row[0].dtype:
-                    raise TypeError(f"outs[{k}][{name!r}]: dtype {o.dtype} differs from "
-                                    f"outs[0]'s {row[0].dtype}")
-                row.append(o)
+        for name, row, entries, b in rows:
             plan.add(name, row, entries, b)
         plan.finish()
         return plan

@@ -471,6 +471,38 @@ def test_plan_merge_batched_refuses_bad_outputs(checkpoints):
     assert all(torch.count_nonzero(t) == 0 for t in outs[0].values())
 
 
+def test_plan_merge_batched_names_every_bad_output(checkpoints):
+    """One call names every bad output, of whatever kind: first the dicts that are not dicts or
+    lack tensors, then the bad tensors (the first problem's error type); an entry set to None is
+    a bad tensor, not a missing one; nothing is written."""
+    net = fresh_net("plan-batched-several-bad")
+    plan = lcsc_fast.MergePlan(net, checkpoints)
+    floats = {k: v for k, v in net.state_dict().items() if v.is_floating_point()}
+    a, b = list(floats)[:2]
+    outs = [{k: torch.zeros_like(v) for k, v in floats.items()} for _ in range(5)]
+    del outs[0][a], outs[0][b]
+    outs[2][b] = torch.zeros(3)
+    outs[3][a] = None
+    outs[4] = [outs[4][a]]
+    rows = [[1.0 / len(checkpoints)] * len(checkpoints)] * 5
+    with pytest.raises(ValueError) as caught:
+        plan.merge_batched(rows, outs)
+    message = str(caught.value)
+    expected = [rf"outs\[0\] has no tensor '({re.escape(a)}|{re.escape(b)})', "
+                rf"'({re.escape(a)}|{re.escape(b)})'",
+                r"outs\[4\]: expected a dict of tensors, got list",
+                rf"outs\[3\]\['{re.escape(a)}'\]: expected a torch.Tensor, got NoneType",
+                rf"outs\[2\]\['{re.escape(b)}'\]: shape \(3,\)"]
+    at = [re.search(pattern, message) for pattern in expected]
+    assert all(at), message
+    assert message.startswith("outs[0] has no tensor")
+    assert "and 3 more" in message
+    assert at[0].start() == 0 and at[1].start() < min(at[2].start(), at[3].start())
+    assert all(torch.count_nonzero(t) == 0 for out in outs[1:4] for t in out.values()
+               if t is not None)
+    assert plan._batched is None
+
+
 def test_plan_merge_batched_writes_the_outputs_it_is_given_now(checkpoints):
     """merge_batched keeps its native tables only for the very output tensors they were built
     for. A tensor replaced in an output dict, or one whose storage, shape or dtype changed in
