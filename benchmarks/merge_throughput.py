@@ -83,6 +83,7 @@ beat its line-by-line pattern.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import math
 import os
@@ -502,7 +503,7 @@ def measure_read_bandwidth(device: torch.device, nbytes: int) -> dict:
         candidates = [result["torch_sum_gbps"], result["read_probe_gbps"]]
     else:
         y = torch.empty_like(x)
-        seconds = best_seconds(lambda: y.copy_(x), BANDWIDTH_REPEATS, sync)
+        seconds = best_seconds(functools.partial(y.copy_, x), BANDWIDTH_REPEATS, sync)
         # Counted as read bandwidth: nbytes read per copy (the nbytes written are not counted).
         result["d2d_copy_read_gbps"] = nbytes / seconds / 1e9
         del y
@@ -737,7 +738,8 @@ def run_population(d: MergeData, repeats: int) -> dict:
             b / k for b, k in zip(result["batched"]["seconds"], k_s))
         t["single_x_median"] = statistics.median(
             s / POPULATION_K / o for s, o in zip(result["singles"]["seconds"], one_s))
-    del outs, bf16_outs
+    outs.clear()  # frees the outputs before the next config (the closures see the lists)
+    bf16_outs.clear()
     return result
 
 
