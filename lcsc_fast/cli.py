@@ -366,10 +366,10 @@ def _open(paths, args=None):
 
 def _cmd_demo(args) -> int:
     try:
-        import cleanfid  # noqa: F401
-
+        # Imported for their dependencies alone (clean-fid; the classifier's scikit-learn).
+        importlib.import_module("cleanfid")
+        importlib.import_module(".trainers.classifier", __package__)
         from . import demo
-        from .trainers import classifier  # noqa: F401  (scikit-learn, clean-fid)
     except ImportError as e:
         raise UsageError(f"the demo needs scikit-learn and clean-fid ({e}); "
                          "pip install 'lcsc_fast[demo]'") from None

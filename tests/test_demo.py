@@ -2,6 +2,7 @@
 
 import json
 import math
+import sys
 
 import pytest
 
@@ -115,3 +116,14 @@ def test_demo_config_refuses_sample_steps_it_cannot_use(tmp_path, trainer, steps
     config = demo.DemoConfig.quick(out=str(tmp_path / "d"), trainer=trainer, sample_steps=steps)
     with pytest.raises(ValueError, match=match):
         config.check()
+
+
+def test_demo_without_clean_fid_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    """Without clean-fid importable the demo stops before doing anything, naming the extra."""
+    monkeypatch.setitem(sys.modules, "cleanfid", None)  # import cleanfid: ImportError
+    out = tmp_path / "d"
+    assert cli.main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "the demo needs scikit-learn and clean-fid" in err
+    assert "pip install 'lcsc_fast[demo]'" in err
+    assert not out.exists()
