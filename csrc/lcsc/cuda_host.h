@@ -39,13 +39,30 @@ class DeviceGuard {
 };
 
 // Device memory allocated and freed in the order of `stream`: the free is queued behind the
-// kernels that read it, and also when the op throws after allocating.
+// kernels that read it, and also when the op throws after allocating. Devices without memory
+// pools (cudaMallocAsync unsupported: some vGPU and older driver setups) get cudaMalloc, and
+// cudaFree, which waits for the device's queued work before it frees.
 class StreamScratch {
  public:
   StreamScratch(size_t nbytes, cudaStream_t stream, const char* op) : stream_(stream) {
-    check(cudaMallocAsync(&ptr_, nbytes, stream), op, "cudaMallocAsync");
+    int device = 0, pools = 0;
+    check(cudaGetDevice(&device), op, "cudaGetDevice");
+    check(cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, device), op,
+          "cudaDeviceGetAttribute(cudaDevAttrMemoryPoolsSupported)");
+    async_ = pools != 0;
+    if (async_) {
+      check(cudaMallocAsync(&ptr_, nbytes, stream), op, "cudaMallocAsync");
+    } else {
+      check(cudaMalloc(&ptr_, nbytes), op, "cudaMalloc");
+    }
   }
-  ~StreamScratch() { cudaFreeAsync(ptr_, stream_); }
+  ~StreamScratch() {
+    if (async_) {
+      cudaFreeAsync(ptr_, stream_);
+    } else {
+      cudaFree(ptr_);
+    }
+  }
   StreamScratch(const StreamScratch&) = delete;
   StreamScratch& operator=(const StreamScratch&) = delete;
 
@@ -54,6 +71,7 @@ class StreamScratch {
  private:
   void* ptr_ = nullptr;
   cudaStream_t stream_;
+  bool async_ = true;
 };
 
 }  // namespace lcsc::cuda
