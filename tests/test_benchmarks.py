@@ -33,8 +33,11 @@ def run_quick(script: str, device: str, tmp_path: Path) -> dict:
     return run_benchmark(script, "--quick", "--device", device, tmp_path=tmp_path)
 
 
-def failed(rows: list[dict]) -> list[dict]:
-    return [r for r in rows if r["status"] != "ok"]
+def failed(rows: list[dict]) -> str:
+    """The rows whose method failed, one line each with everything but the timings (so that
+    an assertion on it says which and why); empty when none did."""
+    return "\n".join(repr({k: v for k, v in r.items() if k != "seconds"})
+                     for r in rows if r["status"] != "ok")
 
 
 @pytest.mark.parametrize("device", device_params())
@@ -42,7 +45,9 @@ def test_merge_throughput_quick(device, tmp_path):
     result = run_quick("merge_throughput.py", device, tmp_path)
     args = result["args"]
     rows = result["rows"]
-    assert rows and not failed(rows)
+    assert rows
+    bad = failed(rows)
+    assert not bad, bad
     assert result["bandwidth"][device]["read_gbps"] > 0
 
     planned = [r for r in rows if r["method"] == "fused MergePlan"]
@@ -84,7 +89,9 @@ def test_merge_throughput_quick(device, tmp_path):
 @pytest.mark.parametrize("device", device_params())
 def test_lora_throughput_quick(device, tmp_path):
     result = run_quick("lora_throughput.py", device, tmp_path)
-    assert result["rows"] and not failed(result["rows"])
+    assert result["rows"]
+    bad = failed(result["rows"])
+    assert not bad, bad
 
 
 def test_recorder_overhead_quick(tmp_path):
