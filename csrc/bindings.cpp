@@ -129,6 +129,41 @@ PYBIND11_MODULE(_C, m) {
       },
       "The same op enqueued on a CUDA stream (a cudaStream_t as an int).");
 
+  py::class_<lcsc::CudaMergeTables>(
+      m, "CudaMergeTables",
+      "The tables of a CUDA merge that stay the same from run to run, built once for a plan: "
+      "copy bytes() to device memory, then run(device_tables, coeffs, ...) moves only the "
+      "coefficients.")
+      .def(py::init([](py::buffer numels, py::buffer outs, py::buffer out_dtypes, py::buffer bases,
+                       py::buffer base_dtypes, py::buffer srcs, py::buffer src_dtypes,
+                       py::buffer coeffs, int64_t num_sources, int64_t num_outputs) {
+             Tables tables(numels, outs, out_dtypes, bases, base_dtypes, srcs, src_dtypes,
+                           coeffs, num_sources, num_outputs);
+             return lcsc::CudaMergeTables(tables.args);
+           }),
+           "The same tables as merge_cuda takes (coeffs is not read).")
+      .def("bytes",
+           [](const lcsc::CudaMergeTables& t) {
+             return py::bytes(t.bytes().data(), t.bytes().size());
+           })
+      .def("reusable", &lcsc::CudaMergeTables::reusable)
+      .def(
+          "run",
+          [](const lcsc::CudaMergeTables& t, uintptr_t device_tables, py::buffer coeffs,
+             int64_t num_coeffs, int device, uintptr_t stream) {
+            const py::buffer_info info = coeffs.request();
+            if (info.format != py::format_descriptor<float>::format() ||
+                info.size != num_coeffs) {
+              throw std::invalid_argument("coeffs must be " + std::to_string(num_coeffs) +
+                                          " float32 values");
+            }
+            const auto* data = static_cast<const float*>(info.ptr);
+            py::gil_scoped_release release;
+            t.run(reinterpret_cast<const void*>(device_tables), data, device, stream);
+          },
+          py::arg("device_tables"), py::arg("coeffs"), py::arg("num_coeffs"), py::arg("device"),
+          py::arg("stream"));
+
   m.def(
       "lora_cpu",
       [](int64_t m, int64_t n, int64_t rank, uintptr_t out, int32_t out_dtype, uintptr_t base,

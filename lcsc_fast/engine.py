@@ -47,6 +47,10 @@ class _Plan:
     srcs: array = field(default_factory=lambda: array("Q"))  # [T, N]
     src_dtypes: array = field(default_factory=lambda: array("i"))  # [T, N]
     _outs_by_tensor: list = field(default_factory=list)  # [T][K] pointers, before finish()
+    # CUDA plans run more than once keep their tables on the device: (CudaMergeTables, the
+    # uint8 tensor holding its bytes), None before the second run, False where not reusable.
+    _cuda_tables: object = None
+    _runs: int = 0
 
     def add(self, name: str, outs, sources, base) -> None:
         """Append one tensor's job: K outputs, N sources, an optional base (all validated)."""
@@ -134,13 +138,40 @@ class _Plan:
 
         guard_faults: sources are memory-mapped files; a fault reading one raises RuntimeError.
         """
-        tables = self._tables(array("f", itertools.chain.from_iterable(coeffs)))
-        if lo != 0 or (hi is not None and hi != len(self.numels)):
+        flat = array("f", itertools.chain.from_iterable(coeffs))
+        tables = self._tables(flat)
+        whole = lo == 0 and (hi is None or hi == len(self.numels))
+        if not whole:
             tables = self._slice(tables, lo, hi)
         if self.device.type == "cpu":
             _C.merge_cpu(*tables, torch.get_num_threads(), guard_faults)
             return
-        _C.merge_cuda(*tables, *cuda_launch(self.device))
+        device, stream = cuda_launch(self.device)
+        self._runs += 1
+        if whole and self._runs > 1 and self._cuda_tables is not False:
+            self._run_cached(flat, device, stream)
+            return
+        _C.merge_cuda(*tables, device, stream)
+
+    def forget_device_tables(self) -> None:
+        """After the tables were changed in place: the next runs go to the device anew."""
+        self._cuda_tables, self._runs = None, 0
+
+    def _run_cached(self, coeffs: array, device: int, stream: int) -> None:
+        """A repeated CUDA run: the plan's tables (pointers, sizes, dtypes: about 12 bytes per
+        tensor and source) go to the device once, and each run moves only the coefficients."""
+        if self._cuda_tables is None:
+            tables = _C.CudaMergeTables(*self._tables(coeffs))
+            if not tables.reusable():
+                self._cuda_tables = False
+                _C.merge_cuda(*self._tables(coeffs), device, stream)
+                return
+            on_host = torch.frombuffer(bytearray(tables.bytes()), dtype=torch.uint8)
+            self._cuda_tables = (tables, on_host.to(torch.device("cuda", device)), stream)
+        tables, on_device, allocated_on = self._cuda_tables
+        if stream != allocated_on:  # keep the bytes alive until this stream is done with them
+            on_device.record_stream(torch.cuda.current_stream(device))
+        tables.run(on_device.data_ptr(), coeffs, len(coeffs), device, stream)
 
 
 def cuda_launch(device: torch.device) -> tuple[int, int]:

@@ -451,6 +451,7 @@ class Trajectory(Sequence):
         srcs[lo:hi, :src.shape[1]] = src
         if isinstance(base_column, int):  # the base is one of the columns (see _plan)
             plan.bases[lo:hi] = src[:, base_column]
+        plan.forget_device_tables()
 
     def _caller_column(self, extra, device, tensor, start):
         """Pointers and dtype codes of a caller's state dict (a base) for segments of tensors

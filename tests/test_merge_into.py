@@ -608,3 +608,30 @@ def test_coefficients_are_real_numbers(checkpoints):
     for k, v in net.state_dict().items():
         assert_bitwise_equal(v, before[k], k)
     assert all(torch.count_nonzero(t) == 0 for t in outs[0].values())
+
+
+@pytest.mark.cuda
+def test_cuda_plan_runs_again_from_tables_kept_on_the_device():
+    """From its second run a CUDA MergePlan keeps its tables (pointers, sizes, dtypes) on the
+    device and moves only the coefficients. Every run, with new coefficients each time and
+    one on another stream, equals the CPU engine's merge bit for bit."""
+    g = generator("cuda plan reuse")
+    shapes = {"a": (3, 2048 + 5), "b": (7,), "c": (4096,), "d": (2, 2, 1000)}
+    on_cpu = [{k: randn(s, torch.bfloat16, g) for k, s in shapes.items()} for _ in range(6)]
+    on_cuda = [{k: v.cuda() for k, v in c.items()} for c in on_cpu]
+    target = {k: torch.empty(s, device="cuda") for k, s in shapes.items()}
+    expected = {k: torch.empty(s) for k, s in shapes.items()}
+    plan = lcsc_fast.MergePlan(target, on_cuda, base=0)
+    cpu_plan = lcsc_fast.MergePlan(expected, on_cpu, base=0)
+    side = torch.cuda.Stream()
+    for run in range(4):
+        w = (torch.randn(6, generator=g) / 3).tolist()
+        if run == 2:
+            with torch.cuda.stream(side):
+                plan(w)
+            side.synchronize()
+        else:
+            plan(w)
+        cpu_plan(w)
+        for name in shapes:
+            assert_bitwise_equal(target[name], expected[name], f"run {run}, {name}")

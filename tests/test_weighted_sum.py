@@ -842,3 +842,53 @@ def test_large_batch_with_16bit_outputs_matches_single_merges(restore_simd, leve
     lcsc_fast.weighted_sum_batched(outs, sources, coeffs, base=base)
     for k, (out, single) in enumerate(zip(outs, singles)):
         assert_bitwise_equal(out, single, f"output {k}")
+
+
+# ---------------------------------------------------------------- CUDA against the CPU engine
+
+def _views_at_offsets(numel: int, dtypes, offsets, g, device, fill=None) -> tuple[list, list]:
+    """For each (dtype, offset): a buffer of numel + 16 elements and the view of numel elements
+    that starts `offset` elements into it (the tensors of a checkpoint file, views into one
+    buffer, sit at such offsets). Random values, or `fill` everywhere."""
+    buffers, views = [], []
+    for dtype, offset in zip(dtypes, offsets):
+        if fill is None:
+            buf = randn(numel + 16, dtype, g, device)
+        else:
+            buf = torch.full((numel + 16,), fill, dtype=dtype, device=device)
+        buffers.append(buf)
+        views.append(buf[offset:offset + numel])
+    return buffers, views
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("k", param("K", (1, 2, 3, 8, 11)))
+@pytest.mark.parametrize("out_kind", param("out", ("fp32", "bf16")))
+@pytest.mark.parametrize("src_kind", param("src", SRC_KINDS))
+def test_cuda_equals_cpu_at_every_alignment(src_kind, out_kind, k):
+    """The CUDA kernels read sources at any element offset within 16 bytes with aligned vector
+    loads shifted into place, in groups of sources; a tensor's last tile is partial. Sources,
+    base and outputs at every offset, N = 13 (groups and a remainder), 3 full tiles and a
+    partial one: every output equals the CPU engine's bit for bit, and no element around an
+    output view is written."""
+    g = generator("cuda alignment", src_kind, out_kind, k)
+    numel, n = 3 * 2048 + 37, 13
+    out_dtype = DTYPES[out_kind]
+    src_dtypes = [src_dtype(src_kind, i) for i in range(n)]
+    offsets = [i % (16 // d.itemsize) for i, d in enumerate(src_dtypes)]
+    _, sources = _views_at_offsets(numel, src_dtypes, offsets, g, "cuda")
+    _, (base,) = _views_at_offsets(numel, [out_dtype], [3], g, "cuda")
+    coeffs = [fp32_coeffs(n, g) for _ in range(k)]
+    out_offsets = [(j + 1) % 8 for j in range(k)]
+    out_buffers, outs = _views_at_offsets(numel, [out_dtype] * k, out_offsets, g, "cuda",
+                                          fill=math.nan)
+
+    expected = lcsc_fast.weighted_sum_batched(
+        [torch.empty(numel, dtype=out_dtype) for _ in range(k)], [s.cpu() for s in sources],
+        coeffs, base=base.cpu())
+    lcsc_fast.weighted_sum_batched(outs, sources, coeffs, base=base)
+    torch.cuda.synchronize()
+    for j, (buf, out) in enumerate(zip(out_buffers, outs)):
+        assert_bitwise_equal(out, expected[j], f"outs[{j}]")
+        untouched = torch.cat([buf[:out_offsets[j]], buf[out_offsets[j] + numel:]])
+        assert torch.isnan(untouched).all(), f"outs[{j}]: an element outside the view was written"

@@ -14,6 +14,17 @@ void merge_cuda(const MergeArgs&, int, uintptr_t) {
       "lcsc_fast was built without CUDA; reinstall with nvcc on PATH to merge CUDA tensors");
 }
 
+CudaMergeTables::CudaMergeTables(const MergeArgs&) {
+  throw std::runtime_error(
+      "lcsc_fast was built without CUDA; reinstall with nvcc on PATH to merge CUDA tensors");
+}
+void CudaMergeTables::run(const void*, const float*, int, uintptr_t) const {}
+std::vector<float> CudaMergeTables::pass_coeffs(const float*, std::vector<size_t>*) const {
+  return {};
+}
+void CudaMergeTables::launch(const char*, const float*, const std::vector<size_t>&, int,
+                             void*) const {}
+
 void lora_cuda(const LoraArgs&, int, uintptr_t) {
   throw std::runtime_error(
       "lcsc_fast was built without CUDA; reinstall with nvcc on PATH to merge CUDA tensors");

@@ -9,7 +9,9 @@
 // before it is written.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <vector>
 
 namespace lcsc {
 
@@ -51,6 +53,34 @@ void merge_cpu(const MergeArgs& args, int num_threads, bool guard_faults = false
 // CUDA: enqueued on `stream` (a cudaStream_t) of `device`; returns without synchronising.
 // Throws std::runtime_error when CUDA is not compiled in or a CUDA call fails.
 void merge_cuda(const MergeArgs& args, int device, uintptr_t stream);
+
+// CUDA, for a merge that runs many times with new coefficients (a MergePlan in a search): the
+// tables that stay the same (sizes, pointers, dtypes, the tile layout), built once. The caller
+// copies bytes() to device memory at a 16-byte aligned address and keeps it there; a run then
+// moves only the coefficients. args.coeffs is not read.
+class CudaMergeTables {
+ public:
+  explicit CudaMergeTables(const MergeArgs& args);
+  const std::vector<char>& bytes() const { return bytes_; }
+  // False when K > 8 and an output is also one of its inputs: merge_cuda handles that.
+  bool reusable() const { return !aliased_; }
+  // Enqueues the merge with coeffs [K, N] on `stream` of `device`, reading the tables at
+  // device_tables (bytes() copied there).
+  void run(const void* device_tables, const float* coeffs, int device, uintptr_t stream) const;
+
+  // merge_cuda's pieces: each pass's coefficients laid out for the kernels, and the launches.
+  std::vector<float> pass_coeffs(const float* coeffs, std::vector<size_t>* pass_offset) const;
+  void launch(const char* device_tables, const float* device_coeffs,
+              const std::vector<size_t>& pass_offset, int device, void* stream) const;
+
+ private:
+  int64_t T_ = 0, N_ = 0, K_ = 0, total_tiles_ = 0;
+  int32_t source_dtype_ = 0;
+  bool aliased_ = false;
+  size_t offsets_[9] = {};
+  std::vector<char> bytes_;
+};
+
 bool cuda_compiled();
 int cuda_device_count();
 
