@@ -48,7 +48,8 @@ class _Plan:
     src_dtypes: array = field(default_factory=lambda: array("i"))  # [T, N]
     _outs_by_tensor: list = field(default_factory=list)  # [T][K] pointers, before finish()
     # CUDA plans run more than once keep their tables on the device: (CudaMergeTables, the
-    # uint8 tensor holding its bytes), None before the second run, False where not reusable.
+    # uint8 tensor holding its bytes, the stream it was allocated on), None before the second
+    # run, False where not reusable.
     _cuda_tables: object = None
     _runs: int = 0
 
