@@ -51,7 +51,7 @@ counts the temporaries each variant allocates by construction:
   cat + mm: the concatenations, (m + n) R x (4 bytes, + 2 for the 16-bit concatenation that
             .float() copies), plus R weights;
   fused: lcsc_fast._C.lora_cpu_scratch_nbytes (packed panels, plus one float32 output tile per
-         thread when R spans several 256-rank panels) on the CPU; the N-entry pointer table on
+         thread when R spans several 32-rank panels) on the CPU; the N-entry pointer table on
          CUDA.
 
 Sizes. The default grid (CPU, 2 cores: 6 minutes including the memory children on the

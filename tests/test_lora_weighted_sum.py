@@ -5,7 +5,7 @@ out = base + scale * sum_i c_i * B_i @ A_i, one fused pass over the concatenated
 Accuracy matrix: device x factor dtype {fp32, fp16, bf16} x out dtype {fp32, fp16, bf16} x
 shape (1 x 1 with r = 1 and N = 1; ragged 13 x 37; a conv weight [20, 6, 3, 3] with PEFT's
 [m, r, 1, 1] lora_B; 100 x 70 with N = 100 checkpoints of rank 16, so the concatenated rank
-1600 spans seven kernel panels; 800 x 800, several tiles and panels), with a separate base
+1600 spans 50 kernel panels; 800 x 800, several tiles and panels), with a separate base
 whose dtype cycles. The yardstick of the accuracy rule (conftest.assert_within_torch_error) is
 plain torch doing the same computation in the same dtypes: a float32 accumulator, one addmm per
 checkpoint with alpha = fl32(scale * c_i), the base added last, one cast.
@@ -169,7 +169,7 @@ def test_guard_bands_and_unaligned_views():
 
 def _bitwise_case(tag, factor_dtype, out_dtype):
     g = generator(tag, factor_dtype, out_dtype)
-    shape, r, n_ckpt = (803, 770), 13, 23  # 299 ranks: two panels, several tiles, ragged edges
+    shape, r, n_ckpt = (803, 770), 13, 23  # 299 ranks: ten panels, several tiles, ragged edges
     As, Bs = factors(shape, r, n_ckpt, factor_dtype, g)
     return shape, As, Bs, fp32_coeffs(n_ckpt, g), randn(shape, torch.bfloat16, g)
 
@@ -194,7 +194,7 @@ def test_simd_matches_scalar(restore_simd, level, factor_kind, out_kind):
     rank past one kernel panel, ragged edges, unaligned factors and a base."""
     g = generator("simd", factor_kind, out_kind)
     factor_dtype, out_dtype = DTYPES[factor_kind], DTYPES[out_kind]
-    m, n, r, n_ckpt = 37, 83, 11, 27  # 297 ranks: two panels
+    m, n, r, n_ckpt = 37, 83, 11, 27  # 297 ranks: ten panels
     As = [randn(r * n + 1, factor_dtype, g)[1:].view(r, n) for _ in range(n_ckpt)]
     Bs = [randn(m * r + 3, factor_dtype, g)[3:].view(m, r) for _ in range(n_ckpt)]
     coeffs = fp32_coeffs(n_ckpt, g)
