@@ -78,6 +78,18 @@ source in turn. It shows how fast those bytes can move in that one simple patter
 moment: an op that takes several times its probe's time is not limited by its bytes. It is no
 upper bound: with many sources the engine's tiled reads (a few KiB of one source at a time)
 beat its line-by-line pattern.
+
+Bytes and fma ceiling. The run reports the bytes K single merges move over the bytes the batch
+moves (sources read once, K float32 outputs written): K (N s + 4) / (N s + 4 K) per element for
+sources of s bytes, 4.5x for bf16 at N = 16. Beyond that the batch has to move its bytes faster
+than the single merges move theirs. And (CPU) a candidate costs N fmas per element whether it
+is merged alone or in a batch: only the bytes are shared. So the batch takes at least K x N x
+elements fma lanes at the rate lcsc_fast._C.fma_probe measures (best of 5 calls), and the ratio
+can be at most the singles' time over that, even if the batch's memory traffic cost nothing.
+The run reports this ceiling against its own singles, and against singles that would read their
+sources at the run's read bandwidth (writes free): s x fma rate / read bandwidth. For bf16
+sources that is below the 5x target on any machine whose fma rate in G lanes/s is under 2.5
+times its read GB/s.
 """
 
 from __future__ import annotations
@@ -117,6 +129,9 @@ POPULATION_K = 8
 POPULATION_CHECK_ELEMS = 32768  # checked at each end of the flat buffers
 POOL_ELEMS = 4 * MIB + 15  # random pool for checkpoint data: 16 MiB of fp32, odd length
 BANDWIDTH_REPEATS = 5
+# The fma probe's best of this many calls (66 ms each on a 2-core Zen 4): one call that a
+# neighbour's work slows would lower the ceiling below what the batch itself reaches.
+FMA_PROBE_REPEATS = 5
 
 lcsc_fast = reference = None  # imported by main(), after argument parsing
 
@@ -656,6 +671,17 @@ def finish_rows(rows: list[dict], source_nbytes: int, read_gbps: float) -> None:
             r["vs_in_memory"] = in_memory / r["min_s"]
 
 
+def finish_population(p: dict, read_gbps: float) -> None:
+    """The fma ceiling on the ratio (run_population) against singles that would read their
+    sources at read_gbps, writing for free: elem_size x fma peak / read bandwidth."""
+    if "ratio_ceiling_fma" not in p:
+        return
+    p["read_gbps"] = read_gbps
+    singles_at_read_bw_s = p["k"] * p["source_nbytes"] / (read_gbps * 1e9)
+    p["ratio_ceiling_fma_at_read_bw"] = (singles_at_read_bw_s * p["fma_peak_lanes_per_s"]
+                                         / p["batched"]["fma_lanes"])
+
+
 def run_population(d: MergeData, repeats: int) -> dict:
     """K candidates at once (weighted_sum_batched) against K single fused weighted_sums, into
     float32 outputs; and the batched op into bfloat16 ones (result["bf16_outputs"])."""
@@ -723,10 +749,21 @@ def run_population(d: MergeData, repeats: int) -> dict:
         batched_s = result["batched"]["min_s"]
         lanes = POPULATION_K * len(d.flats) * d.params
         result["batched"]["fma_lanes_per_s"] = lanes / batched_s
+        result["batched"]["fma_lanes"] = lanes
         if device.type == "cpu":
-            result["fma_peak_lanes_per_s"] = lcsc_fast._C.fma_probe(torch.get_num_threads())
+            peak = max(lcsc_fast._C.fma_probe(torch.get_num_threads())
+                       for _ in range(FMA_PROBE_REPEATS))
+            result["fma_peak_lanes_per_s"] = peak
+            # A candidate costs N fmas per element whether it is merged alone or in a batch,
+            # so the batch takes at least its fmas' time at the probed peak, whatever memory
+            # does: the ratio cannot exceed the singles' time over that.
+            result["ratio_ceiling_fma"] = result["singles"]["min_s"] * peak / lanes
         out_nbytes = POPULATION_K * d.params * 4
         result["batched"]["traffic_gbps"] = (d.source_nbytes + out_nbytes) / batched_s / 1e9
+        # The bytes K singles move over the bytes the batch moves (sources read, float32
+        # outputs written): the ratio when both move bytes equally fast.
+        result["ratio_bytes"] = (POPULATION_K * (d.source_nbytes + d.params * 4)
+                                 / (d.source_nbytes + out_nbytes))
     if "traffic" in result:
         # Per round: the ratio the probe's byte-only passes give, and how many times its time
         # each op takes (the singles per merge against one output's).
@@ -839,6 +876,13 @@ def print_population(p: dict) -> None:
             limits += f" of {peak / 1e9:.1f} G probed ({100 * b['fma_lanes_per_s'] / peak:.0f}%)"
         limits += f"; {b['traffic_gbps']:.1f} GB/s read + written"
         print(limits)
+        print(f"  bytes moved by {p['k']} singles / by the batch: {p['ratio_bytes']:.2f}x (the "
+              "ratio if both move bytes equally fast)")
+        if "ratio_ceiling_fma" in p:
+            print(f"  fma ceiling on that ratio (the batch's K x N fmas per element at the probed "
+                  f"peak, memory for free): {p['ratio_ceiling_fma']:.2f}x against these singles, "
+                  f"{p['ratio_ceiling_fma_at_read_bw']:.2f}x against singles reading at the "
+                  f"run's {p['read_gbps']:.1f} GB/s")
     if "traffic" in p:
         t = p["traffic"]
         print(f"  traffic-only probe of the same bytes (no arithmetic), same rounds: "
@@ -970,6 +1014,7 @@ def main(argv=None) -> int:
         print_bandwidth(device.type, bw)
         for common, rows, population in configs:
             finish_rows(rows, common["source_nbytes"], bw["read_gbps"])
+            finish_population(population, bw["read_gbps"])
             print_config_header(common)
             print_rows(rows)
             print_population(population)

@@ -74,9 +74,20 @@ def test_merge_throughput_quick(device, tmp_path):
         assert bf16["batched"]["tol"] > batched["tol"]  # eps of bf16, not of fp32
         assert bf16["batched_vs_fp32_outputs_median"] == pytest.approx(statistics.median(
             b / f for b, f in zip(bf16["batched"]["seconds"], batched["seconds"])))
+        size = pop["source_nbytes"] // (pop["n"] * pop["elems"])
+        assert pop["ratio_bytes"] == pytest.approx(  # fp32 outputs written, sources read
+            pop["k"] * (pop["n"] * size + 4) / (pop["n"] * size + 4 * pop["k"]))
         if device != "cpu":
             assert "traffic" not in pop  # the traffic probe is a CPU one
             continue
+        # The batch's fmas at the probed peak against the singles' time, measured and at the
+        # run's read bandwidth.
+        lanes = pop["k"] * pop["n"] * pop["elems"]
+        assert batched["fma_lanes"] == lanes
+        peak = pop["fma_peak_lanes_per_s"]
+        assert pop["ratio_ceiling_fma"] == pytest.approx(singles["min_s"] * peak / lanes)
+        read_s = pop["k"] * pop["source_nbytes"] / (result["bandwidth"]["cpu"]["read_gbps"] * 1e9)
+        assert pop["ratio_ceiling_fma_at_read_bw"] == pytest.approx(read_s * peak / lanes)
         traffic = pop["traffic"]  # timed in the same rounds as the ops
         k_s, one_s = traffic["outputs_k"]["seconds"], traffic["outputs_1"]["seconds"]
         assert len(k_s) == len(one_s) == args["repeats"]
