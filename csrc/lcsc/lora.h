@@ -9,7 +9,8 @@
 // consecutive ranks k = i * r + p (from k = 0), a partial starts at zero and takes one fused
 // multiply-add per rank in increasing k, with the multiplier fl32(w_i * B_i[j][p]); the
 // partials are added in panel order; the base (when non-null) is added last. That order does
-// not depend on tiling, threads or the SIMD level, so CPU results are bitwise reproducible.
+// not depend on tiling, threads or the SIMD level, so CPU results are bitwise reproducible
+// (tests/test_numerics.py carries this sequence out exactly).
 // CUDA with float32 factors follows the same sequence; with 16-bit factors it keeps float32
 // accumulation and checkpoint order but not this exact rounding sequence (see lora_cuda.cu).
 //
