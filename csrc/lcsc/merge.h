@@ -5,9 +5,9 @@
 // for e < numels[t]. The sum is accumulated in float32 in source order 0..N-1, starting from
 // zero, one fused multiply-add per source (elementwise.h's accumulate), and the base (when
 // bases[t] is non-null) is added last, so results do not depend on the thread count or the
-// code path (tests/test_numerics.py carries this sequence out exactly). An output may be the same buffer as its own base or
-// sources (the caller checks that nothing overlaps otherwise): every element's inputs are read
-// before it is written.
+// code path (tests/test_numerics.py carries this sequence out exactly). An output may be the
+// same buffer as its own base or sources (the caller checks that nothing overlaps otherwise):
+// every element's inputs are read before it is written.
 #pragma once
 
 #include <cstddef>
