@@ -47,7 +47,8 @@ def pack(traj, out_dir, dtype="bf16", base: int = 0, block_elems: int = 65536) -
 
     dtype: the deltas' dtype ("bf16", "fp16", "fp32"); base: the checkpoint index kept whole.
     Merges from the store equal merges from the checkpoints up to the rounding of each delta to
-    dtype. Returns out_dir.
+    dtype. Returns out_dir. Raises CheckpointError, leaving nothing behind, when a checkpoint
+    holds NaN or Inf or a delta overflows dtype (fp16 ends at 65504).
     """
     if getattr(traj, "kind", None) == "lora":
         raise ValueError("pack: a LoRA trajectory is not packed; its adapters are already "
@@ -110,6 +111,8 @@ def _write_store(traj: Trajectory, partial: str, base: int, delta_dtype: torch.d
     with open(os.path.join(partial, "deltas.bin"), "wb") as f:
         for name in float_names:
             theta_p = base_ckpt[name].reshape(-1).float()
+            if not bool(torch.isfinite(theta_p).all()):
+                raise _not_finite(traj, base, name)
             numel = theta_p.numel()
             # Whole blocks per stage, so that stages concatenate into the block layout.
             per_stage = max(1, _STAGE_NBYTES // max(1, len(others) * esize * block_elems))
@@ -118,6 +121,10 @@ def _write_store(traj: Trajectory, partial: str, base: int, delta_dtype: torch.d
                 deltas = torch.empty((len(others), hi - lo), dtype=delta_dtype)  # [N-1, hi-lo]
                 for j, i in enumerate(others):
                     deltas[j] = _elements(traj, i, name, lo, hi).sub_(theta_p[lo:hi])
+                    # A delta stored as inf or NaN would merge to inf or NaN, silently.
+                    if not bool(torch.isfinite(deltas[j]).all()):
+                        raise _bad_delta(traj, i, base, name, lo, hi, theta_p[lo:hi],
+                                         delta_dtype)
                 # Stages start on block boundaries, so only a tensor's last block is short.
                 full = (hi - lo) // block_elems * block_elems
                 interleaved = [deltas[:, :full].reshape(len(others), -1, block_elems)
@@ -154,6 +161,36 @@ def _elements(traj: Trajectory, i: int, name: str, lo: int, hi: int) -> torch.Te
     size = _element_size(entry.dtype)
     return traj._files[f].read(entry.begin + lo * size, (hi - lo) * size).view(
         entry.dtype).float()
+
+
+def _checkpoint_label(traj: Trajectory, i: int, name: str) -> str:
+    f, _ = traj._checkpoints[i][name]
+    return f"checkpoint {i} (step {traj.steps[i]}, {traj._files[f].path})"
+
+
+def _not_finite(traj: Trajectory, i: int, name: str) -> CheckpointError:
+    return CheckpointError(
+        f"pack: {_checkpoint_label(traj, i, name)} holds NaN or Inf in tensor {name!r}; a "
+        "packed store keeps differences from the base, which such values make NaN. Repair or "
+        "leave out that checkpoint")
+
+
+def _bad_delta(traj: Trajectory, i: int, base: int, name: str, lo: int, hi: int,
+               theta_p: torch.Tensor, delta_dtype: torch.dtype) -> CheckpointError:
+    """The error for elements [lo, hi) of tensor name whose delta against the base is not
+    finite in delta_dtype: checkpoint i holds NaN or Inf there, or the delta overflows."""
+    theta_i = _elements(traj, i, name, lo, hi)
+    if not bool(torch.isfinite(theta_i).all()):
+        return _not_finite(traj, i, name)
+    what = (f"pack: the delta of tensor {name!r} in {_checkpoint_label(traj, i, name)} from "
+            f"the base (checkpoint {base}) overflows")
+    if not bool(torch.isfinite(theta_i - theta_p).all()):
+        return CheckpointError(f"{what} float32; its values are too far from the base's to be "
+                               "packed: merge from the checkpoint files instead")
+    dtype = str(delta_dtype).removeprefix("torch.")
+    other = '"bf16" or "fp32"' if delta_dtype == torch.float16 else '"fp32"'
+    return CheckpointError(f"{what} {dtype} (largest {torch.finfo(delta_dtype).max:.6g}); "
+                           f"pack with dtype {other}")
 
 
 def _file_record(path: str) -> dict:

@@ -1,0 +1,92 @@
+"""lcsc_fast.pack, what it writes: refusals of values a packed store cannot hold, durability.
+
+* A checkpoint holding NaN or Inf, or a delta that overflows the delta dtype (fp16 ends at
+  65504), is a CheckpointError naming the checkpoint (index, step, file) and the tensor, and
+  leaves nothing behind; the dtypes that can hold the delta pack it exactly.
+(The packed store's layout and merges are tested in test_trajectory.py.)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lcsc_fast import CheckpointError, Trajectory, pack
+
+
+def write_checkpoints(folder, checkpoints: list[dict]) -> list[str]:
+    """Each {name: tensor} dict as folder/c<i>.safetensors; returns the paths."""
+    paths = []
+    for i, tensors in enumerate(checkpoints):
+        paths.append(os.path.join(folder, f"c{i}.safetensors"))
+        save_file(tensors, paths[-1])
+    return paths
+
+
+def running_vars(*values: list[float]) -> list[dict]:
+    """Checkpoints of a BatchNorm-like module: a weight, a running_var holding values[i], and
+    an integer step counter."""
+    return [{"w": torch.full((4,), float(i)), "bn.running_var": torch.tensor(v),
+             "bn.num_batches_tracked": torch.tensor(i)} for i, v in enumerate(values)]
+
+
+# ---------------------------------------------------------------- values a store cannot hold
+
+
+def test_fp16_delta_overflow_is_refused(tmp_path):
+    """A running_var that moved by 1e5 overflows an fp16 delta: refused, naming checkpoint 1
+    and the tensor and suggesting bf16 or fp32; fp32 packs it exactly."""
+    paths = write_checkpoints(tmp_path, running_vars([1.0, 2.0e5], [1.5, 1.0]))
+    with pytest.raises(CheckpointError) as info:
+        pack(paths, tmp_path / "fp16", dtype="fp16")
+    message = str(info.value)
+    assert "checkpoint 1 (step 1, " + paths[1] in message and "'bn.running_var'" in message
+    assert "overflows float16" in message and '"bf16" or "fp32"' in message
+    assert sorted(os.listdir(tmp_path)) == ["c0.safetensors", "c1.safetensors"]
+    with Trajectory.open(pack(paths, tmp_path / "fp32", dtype="fp32")) as packed:
+        assert packed[1]["bn.running_var"].tolist() == [1.5, 1.0]
+
+
+def test_bf16_delta_overflow_is_refused(tmp_path):
+    """3.4e38 is a float32 but rounds to inf in bf16 (largest 3.39e38): refused, suggesting
+    fp32 only."""
+    paths = write_checkpoints(tmp_path, running_vars([0.0], [3.4e38]))
+    with pytest.raises(CheckpointError, match=r"overflows bfloat16 .*; pack with dtype \"fp32\"$"):
+        pack(paths, tmp_path / "bf16", dtype="bf16")
+    with Trajectory.open(pack(paths, tmp_path / "fp32", dtype="fp32")) as packed:
+        assert packed[1]["bn.running_var"].item() == torch.tensor(3.4e38).item()
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
+def test_float32_delta_overflow_is_refused(tmp_path, dtype):
+    """3e38 - (-3e38) overflows float32 itself: no delta dtype holds it."""
+    paths = write_checkpoints(tmp_path, running_vars([-3e38], [3e38]))
+    with pytest.raises(CheckpointError, match="overflows float32; .* merge from the checkpoint"):
+        pack(paths, tmp_path / "store", dtype=dtype)
+    assert len(os.listdir(tmp_path)) == 2
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("where", [0, 2], ids=["in=base", "in=other"])
+def test_checkpoint_holding_nan_or_inf_is_refused(tmp_path, dtype, value, where):
+    """inf - inf is NaN, and inf in the base turns every delta into inf or NaN: a checkpoint
+    holding NaN or Inf, the base or another, is refused at every delta dtype, by name."""
+    values = [[1.0, 2.0, 3.0], [1.5, 2.5, 3.5], [2.0, 3.0, 4.0]]
+    values[where][1] = value
+    paths = write_checkpoints(tmp_path, running_vars(*values))
+    label = f"checkpoint {where} (step {where}, {paths[where]})"
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"pack: {label} holds NaN or Inf in tensor 'bn.running_var'")):
+        pack(paths, tmp_path / "store", dtype=dtype)
+    assert len(os.listdir(tmp_path)) == 3
+
+
+def test_single_checkpoint_holding_inf_is_refused(tmp_path):
+    paths = write_checkpoints(tmp_path, running_vars([1.0, float("inf")]))
+    with pytest.raises(CheckpointError, match="checkpoint 0 .* holds NaN or Inf"):
+        pack(paths, tmp_path / "store")
