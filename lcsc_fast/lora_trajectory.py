@@ -531,7 +531,8 @@ class LoraTrajectory(Sequence):
 
         w0 = {name: self._tensor(name, device) for name in self._float_names}
         factors = self._factors(device)
-        ints = {name: self._tensor(name, device) for name in self.shapes
+        # Copies, read now: t.copy_() from a view of the mapping would not be fault-guarded.
+        ints = {name: self._tensor(name, device, view=False) for name in self.shapes
                 if name not in w0 and ints_required}
         # Every tensor but the adapted ones (all of them unless fused) is sum_j a_j D_j, D_j
         # being W0 or a caller's base. One engine plan holds these sums for every output, output
@@ -695,14 +696,19 @@ class LoraTrajectory(Sequence):
 
     # ------------------------------------------------------------------ sources
 
-    def _tensor(self, key, device: torch.device) -> torch.Tensor:
-        """Source `key` (a base name, or (weight, checkpoint, "A"/"B")) on device."""
+    def _tensor(self, key, device: torch.device, view: bool = True) -> torch.Tensor:
+        """Source `key` (a base name, or (weight, checkpoint, "A"/"B")) on device. From a mapped
+        file: a view of the mapping with view on the CPU (the engine reads it under its fault
+        guard), else a copy read under the fault guard; plain torch reading the mapping (a
+        copy_, a .to()) would die of SIGBUS if the file shrank."""
         if self._resident is not None:
             return self._resident[1][key]
         src = self._sources[key]
-        if not isinstance(src, torch.Tensor):
-            src = self._mapped(key, *src)
-        return src if src.device == device else src.to(device)
+        if isinstance(src, torch.Tensor):
+            return src if src.device == device else src.to(device)
+        if view and device.type == "cpu":
+            return self._mapped(key, *src)
+        return self._files[src[0]].tensor(src[1]).to(device)
 
     def _mapped(self, key, f: int, entry: TensorEntry) -> torch.Tensor:
         """A tensor of a mapped file: a view of the mapping where its bytes are aligned for its

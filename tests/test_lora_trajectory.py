@@ -880,6 +880,59 @@ def test_truncation_during_a_merge_raises_instead_of_crashing(tmp_path):
     assert lines[-2].startswith("RuntimeError:") and "SIGBUS" in lines[-2], result.stdout
 
 
+
+@pytest.mark.parametrize("victim", ["base-integers", "base-weights", "adapter"])
+@pytest.mark.parametrize("device", device_params())
+def test_truncated_base_or_adapter_raises_before_writing(tmp_path, device, victim):
+    """Every read of a mapped file is fault-guarded, the base's integer tensors (copied, not
+    merged) and copies to a CUDA target included: with the size check disabled (as if the file
+    shrank after it), a merge raises RuntimeError naming SIGBUS and the process lives on (run
+    in a subprocess, in case it does not). The sources read by plain copies are read before
+    anything is written: a truncated integer shard, or any file for a CUDA target, leaves the
+    target unchanged."""
+    code = textwrap.dedent("""
+        import os, sys, torch
+        from safetensors.torch import save_file
+        import lcsc_fast
+        from lcsc_fast.safetensors_io import MappedFile
+        folder, device, victim = sys.argv[1:]
+        g = torch.Generator().manual_seed(0)
+        m, n, r = 256, 256, 8
+        base = [os.path.join(folder, "base-weights.safetensors"),
+                os.path.join(folder, "base-integers.safetensors")]
+        save_file({"lin.weight": torch.randn(m, n, generator=g)}, base[0])
+        save_file({"count": torch.arange(20_000)}, base[1])  # many pages past the header
+        files = []
+        for i in range(2):
+            files.append(os.path.join(folder, f"adapter-{i}.safetensors"))
+            save_file({"lin.lora_A": torch.randn(r, n, generator=g),
+                       "lin.lora_B": torch.randn(m, r, generator=g)}, files[-1])
+        traj = lcsc_fast.Trajectory.open(files, base=base, scale=1.0)
+        path = {"base-weights": base[0], "base-integers": base[1], "adapter": files[1]}[victim]
+        with open(path, "r+b") as f:
+            f.truncate(128)
+        MappedFile.check_size = lambda self: None
+        target = {"lin.weight": torch.zeros(m, n, device=device),
+                  "count": torch.full((20_000,), -1, device=device)}
+        try:
+            lcsc_fast.merge_into(target, traj, [0.4, 0.6])
+            print("no error")
+        except RuntimeError as e:
+            print("RuntimeError:", e)
+        unchanged = bool((target["lin.weight"] == 0).all() and (target["count"] == -1).all())
+        print("unchanged" if unchanged else "written")
+        print("survived")
+    """)
+    # From tmp_path: `python -c` puts the working directory first on sys.path.
+    result = subprocess.run([sys.executable, "-c", code, os.fspath(tmp_path), device, victim],
+                            capture_output=True, text=True, timeout=120, cwd=os.fspath(tmp_path))
+    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr[-2000:])
+    lines = result.stdout.splitlines()
+    assert lines[-1] == "survived", result.stdout
+    assert lines[-3].startswith("RuntimeError:") and "SIGBUS" in lines[-3], result.stdout
+    if victim == "base-integers" or device == "cuda":
+        assert lines[-2] == "unchanged", result.stdout
+
 def test_pack_refuses_a_lora_trajectory(run, tmp_path):
     """pack() is for dense checkpoints: a LoRA trajectory gets a ValueError saying why, and
     nothing is written."""
