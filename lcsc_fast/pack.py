@@ -96,14 +96,11 @@ def _write_store(traj: Trajectory, partial: str, base: int, delta_dtype: torch.d
     n = len(traj)
     base_ckpt = traj[base]
     float_names = traj._float_names
-    save_file({k: v.contiguous() for k, v in base_ckpt.items()},
-              os.path.join(partial, "base.safetensors"),
-              metadata={"format": PACKED_FORMAT})  # one key: safetensors orders keys by hash
+    _save(base_ckpt, os.path.join(partial, "base.safetensors"))
     integers = {f"{i}/{name}": traj._files[f].tensor(entry)
                 for i in range(n) for name, (f, entry) in traj._checkpoints[i].items()
                 if name in traj._int_entries}
-    save_file(integers, os.path.join(partial, "integers.safetensors"),
-              metadata={"format": PACKED_FORMAT})
+    _save(integers, os.path.join(partial, "integers.safetensors"))
 
     others = [i for i in range(n) if i != base]
     esize = _element_size(delta_dtype)
@@ -153,6 +150,14 @@ def _write_store(traj: Trajectory, partial: str, base: int, delta_dtype: torch.d
         f.flush()
         os.fsync(f.fileno())
     fsync_dir(partial)
+
+
+def _save(tensors: dict, path: str) -> None:
+    """tensors as the safetensors file path, fsynced (save_file does not fsync)."""
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path,
+              metadata={"format": PACKED_FORMAT})  # one key: safetensors orders keys by hash
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def _elements(traj: Trajectory, i: int, name: str, lo: int, hi: int) -> torch.Tensor:

@@ -3,6 +3,7 @@
 * A checkpoint holding NaN or Inf, or a delta that overflows the delta dtype (fp16 ends at
   65504), is a CheckpointError naming the checkpoint (index, step, file) and the tensor, and
   leaves nothing behind; the dtypes that can hold the delta pack it exactly.
+* Every file of the store, and its folder, is fsynced before the folder is renamed into place.
 (The packed store's layout and merges are tested in test_trajectory.py.)
 """
 
@@ -90,3 +91,31 @@ def test_single_checkpoint_holding_inf_is_refused(tmp_path):
     paths = write_checkpoints(tmp_path, running_vars([1.0, float("inf")]))
     with pytest.raises(CheckpointError, match="checkpoint 0 .* holds NaN or Inf"):
         pack(paths, tmp_path / "store")
+
+
+# ---------------------------------------------------------------- durability
+
+
+def test_every_file_is_fsynced_before_the_store_is_renamed_into_place(tmp_path, monkeypatch):
+    """base.safetensors and integers.safetensors (written by safetensors' save_file, which does
+    not fsync) as well as deltas.bin, manifest.json and the folder: a crash after the rename
+    must not leave a store whose files are empty. Files are told apart by inode, which the
+    rename keeps."""
+    paths = write_checkpoints(tmp_path, running_vars([1.0, 2.0], [1.5, 2.5], [2.0, 3.0]))
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.fstat(fd).st_ino))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    out = pack(paths, tmp_path / "store")
+    renamed = events.index(("replace", out))
+    synced = {ino for what, ino in events[:renamed] if what == "fsync"}
+    for name in ("base.safetensors", "integers.safetensors", "deltas.bin", "manifest.json", ""):
+        assert os.stat(os.path.join(out, name)).st_ino in synced, name or "the folder"
