@@ -7,7 +7,7 @@ import os
 import tempfile
 from collections.abc import Callable
 
-__all__ = ["fsync_dir", "write_atomically"]
+__all__ = ["chmod_default", "fsync_dir", "write_atomically"]
 
 
 def fsync_dir(path: str) -> None:
@@ -23,9 +23,24 @@ def fsync_dir(path: str) -> None:
 
 
 def _umask() -> int:
+    """The process's umask. Linux shows it in /proc; os.umask reads it only by setting it,
+    which for that moment changes it for every thread (the Recorder writes in its own)."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def chmod_default(path: str) -> None:
+    """Give path the mode open() gives a new file, 0666 less the umask: mkstemp and safetensors'
+    save_file (which writes through a temporary file of its own) make files private, 0600."""
+    os.chmod(path, 0o666 & ~_umask())
 
 
 def write_atomically(path: str, write: Callable[[str], None]) -> None:
@@ -38,7 +53,7 @@ def write_atomically(path: str, write: Callable[[str], None]) -> None:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make the file private
+        chmod_default(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

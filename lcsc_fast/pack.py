@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from ._io import fsync_dir
+from ._io import chmod_default, fsync_dir
 from .safetensors_io import (DTYPE_NAMES, SAFETENSORS_DTYPES, CheckpointError, MappedFile,
                              read_header)
 from .trajectory import PACKED_FORMAT, Trajectory, _element_size, _engine_code, _Segments
@@ -153,9 +153,11 @@ def _write_store(traj: Trajectory, partial: str, base: int, delta_dtype: torch.d
 
 
 def _save(tensors: dict, path: str) -> None:
-    """tensors as the safetensors file path, fsynced (save_file does not fsync)."""
+    """tensors as the safetensors file path, mode 0666 less the umask like the store's other
+    files, fsynced (save_file does neither)."""
     save_file({k: v.contiguous() for k, v in tensors.items()}, path,
               metadata={"format": PACKED_FORMAT})  # one key: safetensors orders keys by hash
+    chmod_default(path)
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 

@@ -49,7 +49,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ._io import fsync_dir
+from ._io import chmod_default, fsync_dir
 
 try:
     import fcntl
@@ -93,8 +93,9 @@ def _snapshot_step(name: str) -> int | None:
 # simulated kills between any two of them.
 
 def _save_file(tensors: dict, path: str, metadata: dict) -> None:
-    """Write tensors to path as a safetensors file and fsync it."""
+    """Write tensors to path as a safetensors file, mode 0666 less the umask, and fsync it."""
     save_file(tensors, path, metadata=metadata)
+    chmod_default(path)
     fd = os.open(path, os.O_RDONLY)  # fsync flushes the file's data whatever the open mode
     try:
         os.fsync(fd)

@@ -3,7 +3,8 @@
 * A checkpoint holding NaN or Inf, or a delta that overflows the delta dtype (fp16 ends at
   65504), is a CheckpointError naming the checkpoint (index, step, file) and the tensor, and
   leaves nothing behind; the dtypes that can hold the delta pack it exactly.
-* Every file of the store, and its folder, is fsynced before the folder is renamed into place.
+* Every file of the store, and its folder, is fsynced before the folder is renamed into place;
+  every file has the mode the umask gives (0644 under umask 022), not safetensors' 0600.
 (The packed store's layout and merges are tested in test_trajectory.py.)
 """
 
@@ -119,3 +120,16 @@ def test_every_file_is_fsynced_before_the_store_is_renamed_into_place(tmp_path, 
     synced = {ino for what, ino in events[:renamed] if what == "fsync"}
     for name in ("base.safetensors", "integers.safetensors", "deltas.bin", "manifest.json", ""):
         assert os.stat(os.path.join(out, name)).st_ino in synced, name or "the folder"
+
+
+@pytest.mark.skipif(os.name == "nt", reason="Windows has no file modes")
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask=022", "umask=027"])
+def test_files_get_the_mode_the_umask_gives(tmp_path, umask):
+    paths = write_checkpoints(tmp_path, running_vars([1.0, 2.0], [1.5, 2.5]))
+    old = os.umask(umask)
+    try:
+        out = pack(paths, tmp_path / "store")
+    finally:
+        os.umask(old)
+    for name in ("base.safetensors", "integers.safetensors", "deltas.bin", "manifest.json"):
+        assert os.stat(os.path.join(out, name)).st_mode & 0o777 == 0o666 & ~umask, name

@@ -205,6 +205,21 @@ def test_manifest_format(tmp_path):
                                                  "every": 7, "snapshots": []}
 
 
+@pytest.mark.skipif(os.name == "nt", reason="Windows has no file modes")
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask=022", "umask=027"])
+def test_files_get_the_mode_the_umask_gives(tmp_path, umask):
+    """Snapshots are created like the manifest, 0666 less the umask, not 0600 (the mode of
+    safetensors' own temporary file): the run's group reads them as the umask says."""
+    old = os.umask(umask)
+    try:
+        record(tmp_path, range(0, 3), ema=True)
+    finally:
+        os.umask(old)
+    for name in ("manifest.json", "step-00000000.safetensors", "step-00000002.safetensors",
+                 "ema/manifest.json", "ema/step-00000002.safetensors"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o666 & ~umask, name
+
+
 def test_step_beyond_eight_digits_gets_more_digits(tmp_path):
     with Recorder(small_model(), tmp_path, every=1) as rec:
         rec.step(99_999_999)
