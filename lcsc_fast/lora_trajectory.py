@@ -422,7 +422,7 @@ class LoraTrajectory(Sequence):
                 sources[(module.weight, i, "B")] = (f, factors[module.path]["B"])
         for h in headers:
             try:
-                files.append(MappedFile(h.path, h.file_nbytes))
+                files.append(MappedFile(h.path, h.file_nbytes, h.file_id))
             except BaseException:
                 for f in files:
                     f.close()
@@ -527,7 +527,7 @@ class LoraTrajectory(Sequence):
         plans = [self._coefficients(row, base) for row in rows]
         if self._resident is None:
             for f in self._files:
-                f.check_size()
+                f.check_unchanged()
 
         w0 = {name: self._tensor(name, device) for name in self._float_names}
         factors = self._factors(device)

@@ -16,7 +16,7 @@ import mmap
 import os
 import warnings
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -52,6 +52,14 @@ class Header:
     file_nbytes: int
     entries: dict[str, TensorEntry]
     metadata: dict[str, str]
+    # read_header: (st_dev, st_ino, st_size, st_mtime_ns) of the file read, for MappedFile
+    file_id: tuple[int, int, int, int] | None = field(default=None, compare=False)
+
+
+def _file_id(st: os.stat_result) -> tuple[int, int, int, int]:
+    """Which file this is and which version of it: a file rewritten in place keeps its device
+    and inode but gets a new modification time (and perhaps size); a replaced one is another."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def read_header(path: str | os.PathLike) -> Header:
@@ -59,7 +67,8 @@ def read_header(path: str | os.PathLike) -> Header:
     path = os.fspath(path)
     try:
         with open(path, "rb") as f:
-            file_nbytes = os.fstat(f.fileno()).st_size
+            stat = os.fstat(f.fileno())
+            file_nbytes = stat.st_size
             if file_nbytes < 8:
                 raise CheckpointError(f"{path}: {file_nbytes} bytes is too short for a "
                                       "safetensors file (truncated?)")
@@ -74,7 +83,7 @@ def read_header(path: str | os.PathLike) -> Header:
             raw = f.read(n)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read the file ({e.strerror})") from e
-    return parse_header(raw, file_nbytes, path)
+    return replace(parse_header(raw, file_nbytes, path), file_id=_file_id(stat))
 
 
 def _reject_duplicates(pairs):
@@ -160,12 +169,19 @@ class MappedFile:
     """A read-only memory map of a whole file. The engine reads tensors through address + offset;
     nothing is copied, and nothing is read until a merge touches it."""
 
-    def __init__(self, path: str, expected_nbytes: int):
+    def __init__(self, path: str, expected_nbytes: int,
+                 file_id: tuple[int, int, int, int] | None = None):
+        """expected_nbytes: the file's size when its header was read; file_id: its
+        Header.file_id, to refuse a file replaced or rewritten since."""
         self.path = path
         self.nbytes = expected_nbytes
         self._fd = os.open(path, os.O_RDONLY)
         try:
-            self.check_size()
+            self._file_id = _file_id(os.fstat(self._fd))
+            self.check_unchanged()
+            if file_id is not None and file_id != self._file_id:
+                raise CheckpointError(f"{path}: the file was replaced or written to after its "
+                                      "header was read; open the trajectory again")
             if expected_nbytes == 0:  # mmap refuses empty files; there is nothing to read
                 self._map, self._bytes = None, torch.empty(0, dtype=torch.uint8)
             else:
@@ -180,12 +196,26 @@ class MappedFile:
             raise
         self.address = self._bytes.data_ptr()
 
-    def check_size(self) -> None:
-        """Refuse a file that shrank since it was opened: reading it would fault."""
-        now = os.fstat(self._fd).st_size
-        if now < self.nbytes:
-            raise CheckpointError(f"{self.path}: the file shrank from {self.nbytes} to {now} "
-                                  "bytes since the trajectory was opened; reopen it")
+    def change(self) -> str | None:
+        """How the file changed since it was opened ("shrank from 200 to 100 bytes", ...), or
+        None: same size and modification time. One fstat of the open file, which is the file
+        mapped: a file replaced by a rename is not seen, nor need it be (the mapping holds the
+        old one)."""
+        now = _file_id(os.fstat(self._fd))
+        if now[2] < self.nbytes:
+            return f"shrank from {self.nbytes} to {now[2]} bytes"
+        if now != self._file_id:
+            size = "" if now[2] == self._file_id[2] else f", {self._file_id[2]} -> {now[2]} bytes"
+            return f"was written to in place (new modification time{size})"
+        return None
+
+    def check_unchanged(self) -> None:
+        """Refuse a file changed since it was opened: one that shrank would fault, one rewritten
+        in place would be read as garbage at the old header's offsets."""
+        change = self.change()
+        if change is not None:
+            raise CheckpointError(f"{self.path}: the file {change} since the trajectory was "
+                                  "opened; open the trajectory again")
 
     def tensor(self, entry: TensorEntry) -> torch.Tensor:
         """A copy of one tensor's data."""
@@ -201,7 +231,7 @@ class MappedFile:
         """
         from . import _C
 
-        self.check_size()
+        self.check_unchanged()
         if not 0 <= begin <= begin + nbytes <= self.nbytes:
             raise CheckpointError(f"{self.path}: bytes [{begin}, {begin + nbytes}) are outside "
                                   f"the file ({self.nbytes} bytes)")

@@ -207,7 +207,7 @@ class Trajectory(Sequence):
                                np.zeros((0,) if i < 3 or i == 6 else (0, M),
                                         dtype=np.int32 if i == 5 else np.int64)
                                for i in range(7)))
-        files = [MappedFile(h.path, h.file_nbytes) for h in headers]
+        files = [MappedFile(h.path, h.file_nbytes, h.file_id) for h in headers]
         return cls(kind="checkpoints", files=files, headers=headers, checkpoints=per_checkpoint,
                    steps=steps, float_names=float_names, shapes=shapes, dtypes=dtypes,
                    int_entries=int_entries, segments=segments)
@@ -385,7 +385,7 @@ class Trajectory(Sequence):
         seg = self._segments
         if self._resident is None:
             for f in self._files:
-                f.check_size()
+                f.check_unchanged()
             if device.type == "cuda":
                 from .streaming import merge_staged
 

@@ -842,8 +842,30 @@ def test_nothing_saved_is_modified(run, tmp_path):
     assert sha256s(files) == before
 
 
+@pytest.mark.parametrize("victim", ["adapter", "base"])
+def test_file_rewritten_in_place_after_open_is_refused(run, tmp_path, victim):
+    """An adapter or base file written to in place since the trajectory was opened (same bytes,
+    a new modification time) is refused before anything is written: CheckpointError naming it."""
+    folders, net, _ = run
+    base_path = str(tmp_path / "base.safetensors")
+    save_file(net.state_dict(), base_path)
+    path = base_path if victim == "base" else os.path.join(folders[2], "adapter_model.safetensors")
+    mtime_ns = os.stat(path).st_mtime_ns - 3600 * 10**9  # surely not the rewrite's own
+    os.utime(path, ns=(mtime_ns, mtime_ns))
+    with Trajectory.open(folders, base=base_path) as traj:
+        target = make_net("t")
+        snap = snapshot(target)
+        with open(path, "r+b") as f:
+            data = f.read()
+            f.seek(0)
+            f.write(data)
+        with pytest.raises(CheckpointError, match="since the trajectory was opened") as info:
+            merge_into(target, traj, COEFFS["sum 1"])
+        assert path in str(info.value)
+        assert_unchanged(target, snap)
+
 def test_truncation_during_a_merge_raises_instead_of_crashing(tmp_path):
-    """The native fault guard on the low-rank path: with the size check disabled (as if an
+    """The native fault guard on the low-rank path: with the changed-file check disabled (as if an
     adapter file shrank after it), the merge's reads of vanished pages raise RuntimeError
     naming SIGBUS and the process lives on (run in a subprocess, in case it does not)."""
     code = textwrap.dedent("""
@@ -863,7 +885,7 @@ def test_truncation_during_a_merge_raises_instead_of_crashing(tmp_path):
                                          scale=1.0)
         with open(files[1], "r+b") as f:
             f.truncate(128)
-        MappedFile.check_size = lambda self: None
+        MappedFile.check_unchanged = lambda self: None
         try:
             lcsc_fast.merge_into({"lin.weight": torch.zeros(m, n)}, traj, [0.2, 0.3, 0.5])
             print("no error")
@@ -885,11 +907,11 @@ def test_truncation_during_a_merge_raises_instead_of_crashing(tmp_path):
 @pytest.mark.parametrize("device", device_params())
 def test_truncated_base_or_adapter_raises_before_writing(tmp_path, device, victim):
     """Every read of a mapped file is fault-guarded, the base's integer tensors (copied, not
-    merged) and copies to a CUDA target included: with the size check disabled (as if the file
-    shrank after it), a merge raises RuntimeError naming SIGBUS and the process lives on (run
-    in a subprocess, in case it does not). The sources read by plain copies are read before
-    anything is written: a truncated integer shard, or any file for a CUDA target, leaves the
-    target unchanged."""
+    merged) and copies to a CUDA target included: with the changed-file check disabled (as if
+    the file shrank after it), a merge raises RuntimeError naming SIGBUS and the process lives
+    on (run in a subprocess, in case it does not). The sources read by plain copies are read
+    before anything is written: a truncated integer shard, or any file for a CUDA target,
+    leaves the target unchanged."""
     code = textwrap.dedent("""
         import os, sys, torch
         from safetensors.torch import save_file
@@ -911,7 +933,7 @@ def test_truncated_base_or_adapter_raises_before_writing(tmp_path, device, victi
         path = {"base-weights": base[0], "base-integers": base[1], "adapter": files[1]}[victim]
         with open(path, "r+b") as f:
             f.truncate(128)
-        MappedFile.check_size = lambda self: None
+        MappedFile.check_unchanged = lambda self: None
         target = {"lin.weight": torch.zeros(m, n, device=device),
                   "count": torch.full((20_000,), -1, device=device)}
         try:

@@ -33,7 +33,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lcsc_fast
@@ -709,8 +709,8 @@ def test_chunks_cover_every_segment_once():
                                                 marks=pytest.mark.cuda)])
 def test_resident_merges_equal_file_merges(run, paths, stores, bdict, tmp_path, kind, where):
     """After .to("cpu" / "pinned") merges read the resident copies, bitwise as from the files.
-    Overwriting the files' data afterwards shows through a mapped trajectory (the control) but
-    not through the resident one."""
+    Overwriting the files' data afterwards shows in a trajectory opened again (the control; the
+    one opened before refuses the changed files) but not in the resident one."""
     files = copy_files(paths, tmp_path / "raw")
     source = files if kind == "raw" else pack(files, tmp_path / "packed", block_elems=7)
     with Trajectory.open(source) as mapped, Trajectory.open(source) as resident:
@@ -730,8 +730,9 @@ def test_resident_merges_equal_file_merges(run, paths, stores, bdict, tmp_path, 
         for b, exp in zip(BASES, expected):
             assert_states_bitwise(resident.merge(COEFFS, base=resolve_base(b, bdict)), exp,
                                   f"resident base={b} after the files changed")
-        changed = mapped.merge(COEFFS)
-        assert not torch.equal(changed["blocks.0.weight"], expected[0]["blocks.0.weight"])
+    with Trajectory.open(source) as reopened:
+        changed = reopened.merge(COEFFS)
+    assert not torch.equal(changed["blocks.0.weight"], expected[0]["blocks.0.weight"])
 
 
 def check_resident_on(device, resident_device, paths, stores, bdict, kind):
@@ -874,8 +875,6 @@ def test_packed_layout_and_manifest(run, paths, stores):
     for each block, the N - 1 deltas of that block), manifest fields and SHA-256s are right, and
     base.safetensors holds checkpoint p whole, integers.safetensors every checkpoint's integer
     tensors as "<index>/<name>"."""
-    from safetensors.torch import load_file
-
     p, block = 3, 7
     out = stores("bf16", p, block)
     with open(os.path.join(out, "manifest.json"), encoding="utf-8") as f:
@@ -1493,6 +1492,87 @@ def test_file_truncated_after_open(paths, tmp_path, kind):
             traj.merge(COEFFS, base=1)
 
 
+def _age(path) -> None:
+    """Set path's modification time an hour back, so that a rewrite now surely changes it
+    (timestamps are coarse: a file written and rewritten within one tick could keep its)."""
+    mtime_ns = os.stat(path).st_mtime_ns - 3600 * 10**9
+    os.utime(path, ns=(mtime_ns, mtime_ns))
+
+
+@pytest.mark.parametrize("rewrite", ["same-bytes", "other-checkpoint"])
+@pytest.mark.parametrize("kind", ["raw", "packed"])
+def test_file_rewritten_in_place_after_open(paths, tmp_path, kind, rewrite):
+    """A file written to in place since the trajectory was opened (cp or shutil.copyfile onto
+    it: the same inode, the same size or larger) is refused before anything is read from it:
+    CheckpointError naming the file, the target unchanged. Its old header's offsets would read
+    the new bytes as garbage."""
+    files = copy_files(paths, tmp_path / "raw")
+    source = files if kind == "raw" else pack(files, tmp_path / "packed", block_elems=7)
+    victim = files[3] if kind == "raw" else os.path.join(source, "deltas.bin")
+    _age(victim)
+    with Trajectory.open(source) as traj:
+        target = target_like(make_run(1, "main")[0])
+        snap = snapshot(target)
+        if rewrite == "same-bytes":
+            with open(victim, "r+b") as f:
+                data = f.read()
+                f.seek(0)
+                f.write(data)  # same size, same bytes: only the modification time differs
+        else:  # another checkpoint with a longer header, copied over the victim
+            other = str(tmp_path / "other.safetensors")
+            save_file(make_run(1, "other")[0], other, metadata={"note": "x" * 100})
+            shutil.copyfile(other, victim)
+        for call in (lambda: merge_into(target, traj, COEFFS), lambda: traj[3],
+                     lambda: traj.merge(COEFFS, base=1)):
+            with pytest.raises(CheckpointError, match="since the trajectory was opened") as info:
+                call()
+            assert victim in str(info.value) and "open the trajectory again" in str(info.value)
+        assert_unchanged(target, snap)
+    if kind == "raw":
+        with Trajectory.open(source) as traj:  # opened again, it reads the file as it is now
+            assert_states_bitwise(traj[3], load_file(victim))
+
+
+def test_file_rewritten_after_its_header_was_read(paths, tmp_path):
+    """A file written to between reading its header and mapping it (a header read, then the
+    file overwritten in place, then mapped) is refused too: the header describes the old one."""
+    from lcsc_fast.safetensors_io import MappedFile
+
+    (path,) = copy_files(paths[:1], tmp_path)
+    _age(path)
+    header = read_header(path)
+    with open(path, "r+b") as f:
+        data = f.read()
+        f.seek(0)
+        f.write(data)
+    with pytest.raises(CheckpointError, match="written to after its header was read") as info:
+        MappedFile(path, header.file_nbytes, header.file_id)
+    assert path in str(info.value)
+    MappedFile(path, header.file_nbytes).close()  # without a file_id: only the size is checked
+
+
+def test_recorder_appends_while_a_trajectory_is_open(tmp_path):
+    """A Recorder writes new snapshot files beside the ones an open trajectory maps, and
+    rewrites the manifest: the trajectory merges as before, and opened again it sees them."""
+    model = nn.Linear(3, 2)
+    with lcsc_fast.Recorder(model, tmp_path / "run", every=1) as rec:
+        for step in range(2):
+            with torch.no_grad():
+                model.weight.fill_(step)
+            rec.step(step)
+        rec.flush()
+        with Trajectory.open(tmp_path / "run") as traj:
+            for step in range(2, 4):
+                with torch.no_grad():
+                    model.weight.fill_(step)
+                rec.step(step)
+            rec.flush()
+            assert traj.steps == [0, 1]
+            assert bool((traj.merge([0.0, 1.0])["weight"] == 1).all())
+    with Trajectory.open(tmp_path / "run") as traj:
+        assert traj.steps == [0, 1, 2, 3]
+        assert bool((traj.merge([0.0, 0.0, 0.0, 1.0])["weight"] == 3).all())
+
 @pytest.mark.parametrize("kind", ["raw", "packed"])
 def test_files_deleted_after_open_still_merge(run, paths, bdict, tmp_path, kind):
     """The mappings keep deleted files readable: merges and traj[i] are unchanged."""
@@ -1552,14 +1632,14 @@ GUARD_CALLS = {
     pytest.param("staged", id="staged"),
 ])
 def test_truncation_during_merge_raises_instead_of_crashing(tmp_path, path):
-    """The native fault guard: with the size check disabled (as if the file shrank after it),
-    the merge's reads of vanished pages raise RuntimeError naming SIGBUS, and the process lives
-    on (run in a subprocess, in case it does not). Integer tensors are not copied."""
+    """The native fault guard: with the changed-file check disabled (as if the file shrank after
+    it), the merge's reads of vanished pages raise RuntimeError naming SIGBUS, and the process
+    lives on (run in a subprocess, in case it does not). Integer tensors are not copied."""
     call = textwrap.indent(GUARD_CALLS[path], "    ")
     code = SUBPROCESS_SETUP + textwrap.dedent("""
         from lcsc_fast.safetensors_io import MappedFile
         from lcsc_fast.streaming import merge_staged
-        MappedFile.check_size = lambda self: None
+        MappedFile.check_unchanged = lambda self: None
         target = {"w": torch.zeros(200_000), "n": torch.tensor(-1)}
         try:
         {call}
@@ -1582,8 +1662,8 @@ def test_truncation_during_merge_raises_instead_of_crashing(tmp_path, path):
     pytest.param("lcsc_fast.pack(traj, os.path.join(folder, 'packed'))", id="pack"),
 ])
 def test_truncated_file_outside_a_merge_raises(tmp_path, operation):
-    """Reading a shrunken file outside a merge must raise (CheckpointError from the size check,
-    or RuntimeError from a fault guard), not kill the process."""
+    """Reading a shrunken file outside a merge must raise (CheckpointError from the changed-file
+    check, or RuntimeError from a fault guard), not kill the process."""
     code = SUBPROCESS_SETUP + textwrap.dedent(f"""
         try:
             {operation}
