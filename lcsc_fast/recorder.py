@@ -10,6 +10,7 @@ On-disk format (what Trajectory.open reads):
     <dir>/step-00000100.safetensors          8-digit zero-padded step (more digits when needed)
     <dir>/ema/manifest.json                  only with ema=...; same format, same steps
     <dir>/ema/step-00000100.safetensors
+    <dir>/.recorder-tmp/                     files being written (see crash safety); no others
 
     manifest.json: {"format": "lcsc_fast.trajectory", "version": 1, "every": 100,
                     "snapshots": [{"step": 100, "file": "step-00000100.safetensors",
@@ -21,17 +22,20 @@ entries that are floating point (integer ones such as num_batches_tracked are sk
 their state_dict names, with metadata {"step": "<step>", "format": "lcsc_fast.snapshot"}; with
 include=..., only the entries it selects (a LoRA run's adapters, say, without the frozen base).
 
-Crash safety. Every file is written under a temporary name ending in ".tmp" in the same
-directory, fsynced, renamed to its final name with os.replace, and the directory is fsynced;
-a snapshot is listed only after that, by rewriting the manifest the same way. So a process
-killed at any moment leaves a valid manifest that lists only complete, durable snapshots; what
-else it may leave is a temporary file (ours end in ".tmp"; safetensors' save_file writes through
-a ".tmpXXXXXX" of its own) or a complete snapshot that is not listed yet. A Recorder
-started on the directory removes the former and lists the latter (after checking that it is a
-complete safetensors file of this model), or moves it to <dir>/discarded/ when it is not. Files
-the user recorded are moved, never deleted. It does so only once it has accepted the directory
-as its own: one it refuses (another program's manifest, another `every`, ...) is left exactly as
-it was, its temporary files included.
+Crash safety. Every file is written first in <dir>/.recorder-tmp/, fsynced, renamed to its
+final name with os.replace, and the directory is fsynced; a snapshot is listed only after that,
+by rewriting the manifest the same way. So a process killed at any moment leaves a valid
+manifest that lists only complete, durable snapshots; what else it may leave is a temporary
+file in .recorder-tmp/ (safetensors' save_file writes through a ".tmpXXXXXX" of its own beside
+its target, so there too) or a complete snapshot that is not listed yet. A Recorder started on
+the directory removes the former and lists the latter (after checking that it is a complete
+safetensors file of this model), or moves it to <dir>/discarded/ when it is not. Files the user
+recorded are moved, never deleted, and outside .recorder-tmp/ the only files removed are the
+temporary names an older lcsc_fast wrote beside the snapshots (manifest.json.tmp,
+step-*.safetensors.tmp); its ".tmpXXXXXX" are left alone, since a user's file may have such a
+name. It does so only once it has accepted the directory as its own: one it refuses (another
+program's manifest, another `every`, ...) is left exactly as it was, its temporary files
+included.
 """
 
 from __future__ import annotations
@@ -65,13 +69,11 @@ SNAPSHOT_FORMAT = "lcsc_fast.snapshot"
 EMA_DIR = "ema"
 DISCARDED_DIR = "discarded"
 LOCK_NAME = ".recorder.lock"
-TMP_SUFFIX = ".tmp"
+TMP_DIR = ".recorder-tmp"  # the Recorder's temporary files, and nothing else
+LEGACY_TMP_SUFFIX = ".tmp"  # an older Recorder's temporary files: <final name>.tmp
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _SNAPSHOT_NAME = re.compile(r"step-(\d{8,})\.safetensors")
-# safetensors' save_file itself writes through a temporary file in the target's directory,
-# named by Rust's tempfile crate (".tmp" + 6 alphanumerics); a kill can leave one behind.
-_SAFETENSORS_TMP_NAME = re.compile(r"\.tmp[A-Za-z0-9]{6}")
 
 
 def snapshot_file_name(step: int) -> str:
@@ -127,13 +129,17 @@ def _remove_quietly(path: str) -> None:
 
 
 def _write_atomically(path: str, write) -> None:
-    """write(tmp) to path + ".tmp", then rename it to path and fsync the directory: path is
-    either its old content or the complete new one at any moment."""
-    tmp = path + TMP_SUFFIX
+    """write(tmp) to a file of path's name in .recorder-tmp/ beside it, then rename it to path
+    and fsync the directory: path is either its old content or the complete new one at any
+    moment. safetensors' save_file writes through a ".tmpXXXXXX" beside its target, so this
+    keeps that one in .recorder-tmp/ as well, where a restart can tell it is ours."""
+    tmp_dir = os.path.join(os.path.dirname(path), TMP_DIR)
+    os.makedirs(tmp_dir, exist_ok=True)
+    tmp = os.path.join(tmp_dir, os.path.basename(path))
     try:
         write(tmp)
     except Exception:
-        _remove_quietly(tmp)  # an ordinary failure (disk full) should not leave a big .tmp
+        _remove_quietly(tmp)  # an ordinary failure (disk full) should not leave a big file
         raise
     _replace(tmp, path)
     _fsync_dir(os.path.dirname(path))
@@ -277,19 +283,23 @@ class _Stream:
     # -- start-up
 
     def remove_stale_tmp(self, manifest_only: bool = False) -> None:
-        """Remove the temporary files a killed Recorder left: ours (step-*.safetensors.tmp,
-        manifest.json.tmp) and safetensors' own (.tmpXXXXXX). Other names are left alone.
-        manifest_only: the directory has no manifest yet, and a Recorder writes its manifest
-        before any snapshot, so only manifest.json.tmp can be a Recorder's there."""
+        """Remove the temporary files a killed Recorder left: every file in .recorder-tmp/, and
+        the names an older lcsc_fast wrote beside the snapshots (manifest.json.tmp,
+        step-*.safetensors.tmp). Other names are left alone, an older lcsc_fast's .tmpXXXXXX
+        included: a user's file may have such a name. manifest_only: the directory has no
+        manifest yet, and a Recorder writes its manifest before any snapshot, so of the older
+        names only manifest.json.tmp can be a Recorder's there."""
+        tmp_dir = os.path.join(self.directory, TMP_DIR)
+        for name in os.listdir(tmp_dir) if os.path.isdir(tmp_dir) else ():
+            path = os.path.join(tmp_dir, name)
+            if os.path.isfile(path):
+                os.remove(path)
         for name in os.listdir(self.directory):
-            if name == MANIFEST_NAME + TMP_SUFFIX:
+            if name == MANIFEST_NAME + LEGACY_TMP_SUFFIX:
                 ours = True
-            elif manifest_only:
-                ours = False
             else:
-                ours = (name.endswith(TMP_SUFFIX)
-                        and _snapshot_step(name[:-len(TMP_SUFFIX)]) is not None
-                        or _SAFETENSORS_TMP_NAME.fullmatch(name) is not None)
+                ours = (not manifest_only and name.endswith(LEGACY_TMP_SUFFIX)
+                        and _snapshot_step(name[:-len(LEGACY_TMP_SUFFIX)]) is not None)
             path = os.path.join(self.directory, name)
             if ours and os.path.isfile(path):
                 os.remove(path)
@@ -537,7 +547,7 @@ def _shutdown_abandoned(writer: _Writer, lock_fd: int | None, directory: str) ->
 def _lock_directory(directory: str) -> int | None:
     """An exclusive flock on <dir>/.recorder.lock, held until close: two Recorders writing one
     directory would interleave their manifests, and a starting one would remove the other's
-    .tmp files. The kernel drops the lock when the process dies, so a killed run never
+    temporary files. The kernel drops the lock when the process dies, so a killed run never
     blocks its restart."""
     if fcntl is None:
         return None
@@ -793,7 +803,7 @@ def _open_directory(streams: list[_Stream], directory: str) -> int | None:
     returns the last step.
 
     Reads and checks the manifests (again: another Recorder may have changed them before we
-    took the lock), and only then, in a directory accepted as ours, removes stale .tmp files,
+    took the lock), and only then, in a directory accepted as ours, removes stale temporary files,
     lists the complete unlisted snapshots a killed run left (a step only when every stream
     has it, so the model's and the EMA's manifests keep the same steps), moves the other
     unlisted snapshot files to discarded/, and writes the manifests that are missing or

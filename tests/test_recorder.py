@@ -196,8 +196,10 @@ def test_manifest_format(tmp_path):
          "nbytes": os.path.getsize(tmp_path / f"step-{s:08d}.safetensors")} for s in (0, 5, 10)]}
     assert list(doc) == ["format", "version", "every", "snapshots"]
     assert all(list(s) == ["step", "file", "nbytes"] for s in doc["snapshots"])
-    assert listdir(tmp_path) == [".recorder.lock", "manifest.json", "step-00000000.safetensors",
-                                 "step-00000005.safetensors", "step-00000010.safetensors"]
+    assert listdir(tmp_path) == [".recorder-tmp", ".recorder.lock", "manifest.json",
+                                 "step-00000000.safetensors", "step-00000005.safetensors",
+                                 "step-00000010.safetensors"]
+    assert listdir(tmp_path / ".recorder-tmp") == []
     # A fresh directory gets an empty manifest right away (it records `every`).
     with Recorder(model, tmp_path / "fresh", every=7):
         pass
@@ -296,8 +298,10 @@ def test_writer_exception_propagates(tmp_path, monkeypatch, raised_by):
     with pytest.raises(RuntimeError, match="snapshot of step 2"):
         rec.step(5)  # the Recorder stays stopped
     rec.close()  # already reported: closes quietly
-    # The failed write left no .tmp and changed nothing listed.
-    assert listdir(tmp_path) == [".recorder.lock", "manifest.json", "step-00000000.safetensors"]
+    # The failed write left no temporary file and changed nothing listed.
+    assert listdir(tmp_path) == [".recorder-tmp", ".recorder.lock", "manifest.json",
+                                 "step-00000000.safetensors"]
+    assert listdir(tmp_path / ".recorder-tmp") == []
     assert steps_of(tmp_path) == [0]
 
 
@@ -505,25 +509,34 @@ def other_model_snapshot_bytes(step: int) -> bytes:
 
 def test_restart_removes_tmp_and_lists_complete_unlisted_snapshots(tmp_path):
     record(tmp_path, range(0, 5))
-    # What a kill can leave: a complete snapshot renamed but not listed yet, and .tmp files.
+    # What a kill can leave: a complete snapshot renamed but not listed yet, and temporary
+    # files in .recorder-tmp/, safetensors' own among them.
     (tmp_path / "step-00000006.safetensors").write_bytes(snapshot_bytes(6, 6))
+    (tmp_path / ".recorder-tmp/step-00000008.safetensors").write_bytes(snapshot_bytes(8, 8))
+    (tmp_path / ".recorder-tmp/.tmpAb3xYz").write_bytes(snapshot_bytes(8, 8)[:50])
+    (tmp_path / ".recorder-tmp/manifest.json").write_text('{"format": "lcsc_fast.traj')
+    # What an older lcsc_fast's kill could leave beside the snapshots.
     (tmp_path / "step-00000008.safetensors.tmp").write_bytes(snapshot_bytes(8, 8)[:100])
     (tmp_path / "manifest.json.tmp").write_text('{"format": "lcsc_fast.traj')
-    (tmp_path / ".tmpAb3xYz").write_bytes(snapshot_bytes(8, 8)[:50])  # safetensors' own temp
-    (tmp_path / "notes.tmp").write_text("the user's own file")  # not ours: kept
+    # The user's files, kept: .tmpbackup is also what safetensors' temporary files look like.
+    (tmp_path / ".tmpbackup").write_text("the user's own file")
+    (tmp_path / "notes.tmp").write_text("the user's own file")
     model = small_model()
     with Recorder(model, tmp_path, every=2) as rec:
         assert rec.last_step == 6
         assert steps_of(tmp_path) == [0, 2, 4, 6]
         check_trajectory(tmp_path, every=2)
-        assert [n for n in listdir(tmp_path) if ".tmp" in n] == ["notes.tmp"]
+        assert [n for n in listdir(tmp_path) if "tmp" in n] == [".recorder-tmp", ".tmpbackup",
+                                                               "notes.tmp"]
+        assert listdir(tmp_path / ".recorder-tmp") == []
         fill(model, 8)
         rec.step(7)
         rec.step(8)
     assert steps_of(tmp_path) == [0, 2, 4, 6, 8]
     assert_snapshot_is_step(tmp_path / "step-00000006.safetensors", 6)
     assert_snapshot_is_step(tmp_path / "step-00000008.safetensors", 8)
-    assert (tmp_path / "notes.tmp").exists()
+    assert (tmp_path / ".tmpbackup").read_text() == "the user's own file"
+    assert (tmp_path / "notes.tmp").read_text() == "the user's own file"
     assert not (tmp_path / "discarded").exists()
 
 
@@ -591,7 +604,11 @@ def test_a_refused_directory_is_left_as_it_was(tmp_path, refusal, ema):
         record(d, range(0, 3), ema=True)
         (d / "ema/manifest.json").write_text('{"format": "something-else"}')
         (d / "ema/.tmpXyZ789").write_text("another program's temporary file")
+        (d / "ema/.recorder-tmp").mkdir(exist_ok=True)
+        (d / "ema/.recorder-tmp/manifest.json").write_text("half written")
     (d / ".tmpAbC123").write_text("another program's temporary file")
+    (d / ".recorder-tmp").mkdir(exist_ok=True)
+    (d / ".recorder-tmp/step-00000004.safetensors").write_bytes(snapshot_bytes(4, 4)[:100])
     (d / "manifest.json.tmp").write_text("another program's manifest, half written")
     (d / "step-00000004.safetensors.tmp").write_bytes(snapshot_bytes(4, 4)[:100])
     before = tree(d)
@@ -607,12 +624,15 @@ def test_a_new_directory_keeps_temporary_files_that_cannot_be_a_recorders(tmp_pa
     d.mkdir()
     (d / ".tmpAbC123").write_text("another program's temporary file")
     (d / "step-00000004.safetensors.tmp").write_bytes(b"someone else's")
-    (d / "manifest.json.tmp").write_text("a Recorder's manifest, half written")
+    (d / "manifest.json.tmp").write_text("an older Recorder's manifest, half written")
+    (d / ".recorder-tmp").mkdir()
+    (d / ".recorder-tmp/manifest.json").write_text("a Recorder's manifest, half written")
     with Recorder(small_model(), d, every=2):
         pass
     names = sorted(p.name for p in d.iterdir())
     assert ".tmpAbC123" in names and "step-00000004.safetensors.tmp" in names
     assert "manifest.json.tmp" not in names and "manifest.json" in names
+    assert listdir(d / ".recorder-tmp") == []
 
 
 # ---------------------------------------------------------------- recording some entries only
@@ -789,6 +809,7 @@ def test_kill_at_any_file_operation_leaves_a_valid_trajectory(tmp_path, monkeypa
         for d in (tmp_path, tmp_path / "ema"):
             assert check_trajectory(d, every=1) == [0, 1, 2, 3] + [4] * kept
             assert not [n for n in listdir(d) if ".tmp" in n]
+            assert listdir(d / ".recorder-tmp") == []
         # A renamed model file whose EMA file never got there is moved aside, not deleted.
         orphan = not kept and kill_at > OPS.index("replace model")
         assert listdir(tmp_path / "discarded") == ["step-00000004.safetensors"] * orphan
@@ -865,6 +886,7 @@ def test_sigkill_at_random_moments(tmp_path):
         assert check_trajectory(directory / "ema", every=1) == list(range(last + 1))
         for d in (directory, directory / "ema"):
             assert not [n for n in listdir(d) if ".tmp" in n]
+            assert listdir(d / ".recorder-tmp") == []
             assert all(re.fullmatch(r"step-\d{8}(~\d+)?\.safetensors", n)
                        for n in listdir(d / "discarded"))
 
