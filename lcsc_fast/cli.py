@@ -32,6 +32,8 @@ import traceback
 from collections import Counter
 from collections.abc import Mapping
 
+from safetensors import SafetensorError
+
 from ._io import write_atomically
 
 __all__ = ["main"]
@@ -332,6 +334,13 @@ def main(argv=None) -> int:
         return EXIT_USAGE
     except OSError as e:  # a missing path, an output that exists, a directory in the way
         _error(where, _os_message(e))
+        return EXIT_USAGE
+    except SafetensorError as e:  # save_file's I/O errors (a full disk) are not OSErrors
+        out = getattr(args, "out", None)
+        what = "writing the output" if out is None else f"writing {out}"
+        _error(where, f"{what} failed ({e}); outputs are renamed into place only when "
+                      "complete, so nothing was changed: free some disk space (or fix the "
+                      "permissions) and run the command again")
         return EXIT_USAGE
 
 

@@ -570,6 +570,34 @@ def test_missing_paths(work, capsys, argv, fragments):
     assert not os.path.exists("m.safetensors") and not os.path.exists("packed")
 
 
+@pytest.mark.parametrize("command", ["merge", "pack"])
+def test_a_full_disk_is_one_error_line_and_changes_nothing(work, capsys, monkeypatch, command):
+    """safetensors reports a full disk as SafetensorError, neither OSError nor ValueError: one
+    error line naming the output and the cause, status 2, and the output as it was."""
+    import importlib
+
+    from safetensors import SafetensorError
+
+    def disk_full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                              "(os error 28)")
+
+    monkeypatch.setattr("safetensors.torch.save_file", disk_full)
+    monkeypatch.setattr(importlib.import_module("lcsc_fast.pack"), "save_file", disk_full)
+    with open("w.json", "w") as f:
+        json.dump([0.2] * 5, f)
+    with open("m.safetensors", "wb") as f:
+        f.write(b"keep me")
+    before, names = listing("."), sorted(os.listdir("."))
+    out = {"merge": "m.safetensors", "pack": "packed"}[command]
+    argv = {"merge": ["merge", "run", "--coeffs", "w.json", "--out", out, "--force"],
+            "pack": ["pack", "run", out]}[command]
+    code, _, err = run(capsys, *argv)
+    assert_usage_error(code, err, f"lcsc-fast {command}: error: writing {out} failed",
+                       "No space left on device", "nothing was changed")
+    assert listing(".") == before and sorted(os.listdir(".")) == names
+
+
 def test_checkpoints_whose_tensor_names_differ(work, capsys):
     odd = checkpoint(0, 2, 0)
     odd["weight"] = odd.pop("w")
