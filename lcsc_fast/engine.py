@@ -189,9 +189,17 @@ def cuda_launch(device: torch.device) -> tuple[int, int]:
 
 # ---------------------------------------------------------------- validation helpers
 
-def _check_tensor(t, what: str) -> torch.Tensor:
+def _check_dense(t, what: str) -> None:
+    """t is a torch.Tensor with plain strided storage: the engine reads and writes raw memory."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{what}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.is_nested or t.layout != torch.strided:
+        kind = "a nested tensor" if t.is_nested else f"a tensor of layout {t.layout}"
+        raise TypeError(f"{what}: {kind} is not supported; pass a dense (strided) tensor")
+
+
+def _check_tensor(t, what: str) -> torch.Tensor:
+    _check_dense(t, what)
     if t.dtype not in _DTYPE_CODES:
         raise TypeError(f"{what}: dtype {t.dtype} is not supported; use float32, float16 or "
                         "bfloat16")
@@ -199,18 +207,23 @@ def _check_tensor(t, what: str) -> torch.Tensor:
         raise ValueError(f"{what}: tensor is not contiguous; pass t.contiguous()")
     if t.device.type not in ("cpu", "cuda"):
         raise ValueError(f"{what}: device {t.device} is not supported; use cpu or cuda")
+    if t.is_neg():  # its memory holds -t: torch resolves the bit lazily, raw memory does not
+        raise ValueError(f"{what}: tensor is a lazily negated view (torch's negative bit is set); "
+                         "pass t.resolve_neg()")
     return t
 
 
 def _is_like(t, ref: torch.Tensor) -> bool:
     """The common case in one expression: a supported contiguous tensor shaped like ref."""
-    return (isinstance(t, torch.Tensor) and t.dtype in _DTYPE_CODES and t.shape == ref.shape
-            and t.is_contiguous() and t.device == ref.device)
+    return (isinstance(t, torch.Tensor) and t.layout == torch.strided and not t.is_nested
+            and t.dtype in _DTYPE_CODES and t.shape == ref.shape and t.is_contiguous()
+            and not t.is_neg() and t.device == ref.device)
 
 
 def _check_copy_target(t: torch.Tensor, what: str) -> None:
     """A target tensor that is not floating point is copied, not merged: integer (BatchNorm's
     num_batches_tracked) or bool, contiguous, on a supported device. Complex is neither."""
+    _check_dense(t, what)
     if t.is_complex():
         raise TypeError(f"{what}: dtype {t.dtype} is not supported; floating-point tensors "
                         "are merged (float32, float16, bfloat16) and integer ones copied")
@@ -222,8 +235,7 @@ def _check_copy_target(t: torch.Tensor, what: str) -> None:
 
 def _check_copy_source(s, t: torch.Tensor, what: str, target_what: str) -> None:
     """An integer entry (num_batches_tracked) is copied as it is: same dtype, shape, device."""
-    if not isinstance(s, torch.Tensor):
-        raise TypeError(f"{what}: expected a torch.Tensor, got {type(s).__name__}")
+    _check_dense(s, what)
     if s.dtype != t.dtype:
         raise TypeError(f"{what}: dtype {s.dtype} differs from {target_what}'s {t.dtype}")
     _check_like(s, t, what, target_what)
@@ -369,7 +381,10 @@ def _real_numbers(values, where: str) -> list[float]:
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
         raise TypeError(f"{where}: expected a sequence of numbers, got {got}")
     if set(map(type, values)) <= {float, int}:  # the common case, at C speed
-        return list(map(float, values))
+        try:
+            return list(map(float, values))
+        except OverflowError:  # an int beyond float64: the slow path names it
+            pass
     return [_real_number(c, f"{where}[{i}]") for i, c in enumerate(values)]
 
 
@@ -479,6 +494,9 @@ def _target_tensors(target) -> dict[str, torch.Tensor]:
         return dict(target.state_dict(keep_vars=True))
     if isinstance(target, Mapping):
         for name, t in target.items():
+            if not isinstance(name, str):
+                raise TypeError(f"target: key {name!r} is a {type(name).__name__}; tensors are "
+                                "named by strings, as in a state dict")
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"target[{name!r}]: expected a torch.Tensor, got "
                                 f"{type(t).__name__}")
@@ -491,7 +509,7 @@ def _check_names(names: set[str], state: Mapping, what: str) -> None:
     if not isinstance(state, Mapping):
         raise TypeError(f"{what}: expected a dict of tensors, got {type(state).__name__}")
     missing = sorted(names - state.keys())
-    extra = sorted(state.keys() - names)
+    extra = sorted(state.keys() - names, key=str)  # any key a dict may hold
     if missing or extra:
         parts = []
         if missing:

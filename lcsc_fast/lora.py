@@ -37,8 +37,6 @@ def _check_factors(factors, what: str) -> list:
 def _coefficients(coeffs, num_checkpoints: int, scale) -> array:
     """The float32 weights w_i = fl32(scale * c_i) the kernels apply; raises naming a bad one.
     Coefficients and scale are real numbers as everywhere in lcsc_fast (engine._real_number)."""
-    if isinstance(coeffs, torch.Tensor):
-        coeffs = coeffs.detach().cpu().reshape(-1)
     row = _real_numbers(coeffs, "coeffs")
     if len(row) != num_checkpoints:
         raise ValueError(f"coeffs: {len(row)} coefficients for {num_checkpoints} "
@@ -120,13 +118,15 @@ def _validate(out, As, Bs, base) -> tuple[int, int, int, array, array]:
     on_cpu = device.type == "cpu"
     # The common case in a few C-level passes; anything amiss takes the slow path, which names
     # the first bad factor.
-    props = attrgetter("dtype", "shape", "is_cpu" if on_cpu else "device")
+    props = attrgetter("layout", "is_nested", "dtype", "shape", "is_cpu" if on_cpu else "device")
     tables = []
     for what, factors, ref in (("As", As, a0), ("Bs", Bs, b0)):
+        expected = {(torch.strided, False, dtype, ref.shape, True if on_cpu else device)}
         try:
-            ok = (set(map(props, factors)) == {(dtype, ref.shape, True if on_cpu else device)}
-                  and all(map(torch.Tensor.is_contiguous, factors)))
-        except (AttributeError, TypeError):  # not tensors
+            ok = (set(map(props, factors)) == expected
+                  and all(map(torch.Tensor.is_contiguous, factors))
+                  and not any(map(torch.Tensor.is_neg, factors)))
+        except (AttributeError, TypeError, RuntimeError):  # not tensors, nested tensors
             ok = False
         if not ok:
             _name_bad_factor(what, factors, ref, dtype, device, r)

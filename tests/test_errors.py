@@ -8,6 +8,7 @@ message (pytest.raises(match=...)) and, via a bitwise snapshot, that nothing cha
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -49,7 +50,9 @@ class WS:
         ts = [self.out, self.base, *self.keep]
         if isinstance(self.sources, (list, tuple)):
             ts += [s for s in self.sources if isinstance(s, torch.Tensor)]
-        return [t for t in ts if isinstance(t, torch.Tensor)]
+        # Plain arrays only: a mutation keeps the bytes under any other kind in keep.
+        return [t for t in ts if isinstance(t, torch.Tensor) and t.layout == torch.strided
+                and not t.is_nested and not t.is_neg()]
 
 
 def _set_source(i, make):
@@ -79,6 +82,20 @@ def _partial_overlap_out_base(c):
 def _same_bytes_other_dtype(c):
     h = randn(NUMEL, torch.float16, c.g)
     c.out, c.sources[1] = h, h.view(torch.bfloat16)
+
+
+def _quietly(make):
+    """make(c) without torch's beta/prototype warnings (sparse CSR, nested tensors)."""
+    def quiet(c):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return make(c)
+    return quiet
+
+
+def _negated(t, c):
+    c.keep.append(t)  # the bytes under the view must keep their bits
+    return torch._neg_view(t)
 
 
 def _non_contiguous_out(c):
@@ -156,6 +173,26 @@ WS_CASES = [
      _partial_overlap_out_base),
     ("out shares bytes with a source of another dtype", ValueError,
      r"^out overlaps sources\[1\] in memory", _same_bytes_other_dtype),
+    # The engine reads raw memory: a lazily negated view holds -x there, other layouts no array.
+    ("negated view as a source", ValueError, r"^sources\[2\]: .*negative bit .*resolve_neg",
+     _set_source(2, lambda c: _negated(c.sources[2], c))),
+    ("negated view as out", ValueError, r"^out: .*negative bit",
+     _set("out", lambda c: _negated(c.out, c))),
+    ("negated view as the base", ValueError, r"^base: .*negative bit",
+     _set("base", lambda c: _negated(c.base, c))),
+    ("sparse COO source", TypeError, r"^sources\[1\]: a tensor of layout torch\.sparse_coo",
+     _set_source(1, lambda c: c.sources[1].to_sparse())),
+    ("sparse CSR source of out's size", TypeError,
+     r"^sources\[0\]: a tensor of layout torch\.sparse_csr",
+     _set_source(0, _quietly(lambda c: c.sources[0].float().reshape(8, 8).to_sparse_csr()))),
+    ("mkldnn source", TypeError, r"^sources\[3\]: a tensor of layout torch\._mkldnn",
+     _set_source(3, lambda c: c.sources[3].float().to_mkldnn())),
+    ("nested source", TypeError, r"^sources\[1\]: a nested tensor",
+     _set_source(1, _quietly(lambda c: torch.nested.nested_tensor([c.sources[1].float()])))),
+    ("sparse out", TypeError, r"^out: a tensor of layout torch\.sparse_coo",
+     _set("out", lambda c: c.out.to_sparse())),
+    ("int coeff beyond float64", ValueError, r"^coeffs\[0\] is beyond float32's range",
+     _set("coeffs", lambda c: [10**400, -1, 0, 2])),
 ]
 
 
@@ -448,6 +485,20 @@ MERGE_CASES = [
      _set("target", lambda c: c.target.fc.weight.detach())),
     ("target is a list", TypeError, r"target: expected an nn\.Module or a dict",
      _set("target", lambda c: list(c.target.parameters()))),
+    ("target dict with a non-string key", TypeError, r"^target: key 7 is a int; tensors are named",
+     _set("target", lambda c: {**c.target.state_dict(), 7: torch.zeros(2)})),
+    ("checkpoint with a non-string key", ValueError,
+     r"^checkpoints\[1\] does not match the target's tensors: unexpected 7, 'zz'",
+     lambda c: (_add(1, 7)(c), _add(1, "zz")(c))),
+    ("sparse checkpoint entry", TypeError,
+     r"^checkpoints\[0\]\['fc\.weight'\]: a tensor of layout torch\.sparse_coo",
+     _ck(0, "fc.weight", lambda c, v: v.to_sparse())),
+    ("negated view as a checkpoint entry", ValueError,
+     r"^checkpoints\[1\]\['conv\.bias'\]: .*negative bit",
+     _ck(1, "conv.bias", lambda c, v: torch._neg_view(v))),
+    ("sparse integer entry", TypeError,
+     r"^checkpoints\[2\]\['bn\.num_batches_tracked'\]: a tensor of layout torch\.sparse_coo",
+     _ck(2, "bn.num_batches_tracked", lambda c, v: v.to_sparse())),
     ("target dict with a non-tensor", TypeError, r"target\['fc\.bias'\]: expected a torch\.Tensor",
      _set("target", lambda c: dict(c.target.state_dict(), **{"fc.bias": [0.0, 0.0]}))),
     ("float64 model", TypeError, r"target\['[a-z.]+'\]: dtype torch\.float64", _float64_model),

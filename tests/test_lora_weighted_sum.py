@@ -389,6 +389,9 @@ def test_coefficients_and_scale_are_real_numbers():
                        (["2", 1.0, 0.0], r"coeffs\[0\]: expected a real number, got str"),
                        ([1.0, 0.0, 1j], r"coeffs\[2\]: expected a real number, got complex"),
                        (np.array([True, False, True]), r"coeffs\[0\]: .* got bool"),
+                       # a tensor of coefficients is one row, as for the other ops
+                       (torch.ones(3, 1), r"coeffs\[0\]: expected a real number, got list"),
+                       (torch.tensor(1.0), r"coeffs: expected a sequence of numbers, got Tensor"),
                        ("123", r"coeffs: expected a sequence of numbers, got str")):
         case = Case()
         case.coeffs = bad
@@ -454,6 +457,19 @@ def test_bad_containers_layouts_and_devices():
     case = Case()
     case.base = torch.zeros(10, 13)
     expect_error(case, ValueError, r"base: shape \(10, 13\) differs from out's \(10, 12\)")
+    # The kernels read raw memory: no lazily negated views, no other layouts.
+    case = Case()
+    case.Bs[1] = torch._neg_view(case.Bs[1])
+    expect_error(case, ValueError, r"Bs\[1\]: .*negative bit")
+    case = Case()
+    case.As[2] = case.As[2].to_sparse()
+    expect_error(case, TypeError, r"As\[2\]: a tensor of layout torch\.sparse_coo")
+    case = Case()
+    plain = case.out
+    before = snapshot([plain])
+    with pytest.raises(ValueError, match=r"^out: .*negative bit"):
+        lora_weighted_sum(torch._neg_view(plain), case.As, case.Bs, case.coeffs)
+    assert_unchanged([plain], before)
 
 
 # ---------------------------------------------------------------- LoraPlan
