@@ -395,6 +395,50 @@ def test_plan_refuses_a_target_whose_tensors_were_replaced(checkpoints):
         plan([1.0 / len(checkpoints)] * len(checkpoints))
 
 
+def test_plan_refuses_checkpoint_storage_freed_since_planning(checkpoints):
+    """A checkpoint (or base) tensor whose storage was swapped out and freed (`.data = ...`)
+    is refused by name, not read: the plan points into the old storage. Nothing is written."""
+    def stale(base, edit):
+        net = fresh_net("plan-freed")
+        ckpts = [clone_state(c) for c in checkpoints]
+        base_arg = {k: v.clone() for k, v in ckpts[0].items()} if base == "dict" else base
+        plan = lcsc_fast.MergePlan(net, ckpts, base=base_arg)
+        name = edit(ckpts, base_arg)
+        before = clone_state(net.state_dict())
+        return plan, name, net, before
+
+    w = [1.0 / len(checkpoints)] * len(checkpoints)
+    for base, who in ((None, "checkpoints[2]"), (0, "checkpoints[0]"), ("dict", "base")):
+        def edit(ckpts, base_arg, who=who):
+            state = base_arg if who == "base" else ckpts[int(who[-2])]
+            name = next(k for k, v in state.items() if v.is_floating_point())
+            state[name].data = state[name].detach().clone()  # the old storage is freed
+            return name
+        plan, name, net, before = stale(base, edit)
+        with pytest.raises(ValueError, match=rf"^{re.escape(who)}\['{re.escape(name)}'\]: the "
+                                             "storage this MergePlan reads was freed"):
+            plan(w)
+        with pytest.raises(ValueError, match=r"storage this MergePlan reads was freed"):
+            plan.merge_batched([w], [clone_state(net.state_dict())])
+        for k, t in net.state_dict().items():
+            assert torch.equal(before[k], t), k
+
+
+def test_plan_checks_integer_entries_before_writing(checkpoints):
+    """The last checkpoint's num_batches_tracked, resized after planning, is refused before
+    any float tensor is merged (its copy comes last)."""
+    net = fresh_net("plan-int-resized")
+    ckpts = [clone_state(c) for c in checkpoints]
+    plan = lcsc_fast.MergePlan(net, ckpts)
+    ckpts[-1]["bn.num_batches_tracked"].resize_(3)
+    before = clone_state(net.state_dict())
+    with pytest.raises(ValueError, match=r"checkpoints\[3\]\['bn\.num_batches_tracked'\]: "
+                                         r"shape \(3,\)"):
+        plan([0.25] * 4)
+    for k, t in net.state_dict().items():
+        assert torch.equal(before[k], t), k
+
+
 def test_plan_checks_coefficients_at_each_call(checkpoints):
     """Coefficients are validated per call like merge_into's; the target stays untouched."""
     net = fresh_net("plan-coeffs-bad")
