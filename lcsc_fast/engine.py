@@ -221,6 +221,17 @@ def _is_like(t, ref: torch.Tensor) -> bool:
             and not t.is_neg() and t.device == ref.device)
 
 
+# _bump_versions(tensors) tells autograd that the engine wrote them in place, as torch's in-place
+# ops do: a graph that saved one of them then refuses to backward instead of using new values.
+try:  # torch >= 2.5 takes a list; before, one tensor per call
+    torch.autograd.graph.increment_version([])
+    _bump_versions = torch.autograd.graph.increment_version
+except (TypeError, RuntimeError):
+    def _bump_versions(tensors: list) -> None:
+        for t in tensors:
+            torch.autograd.graph.increment_version(t)
+
+
 def _check_copy_target(t: torch.Tensor, what: str) -> None:
     """A target tensor that is not floating point is copied, not merged: integer (BatchNorm's
     num_batches_tracked) or bool, contiguous, on a supported device. Complex is neither."""
@@ -459,6 +470,7 @@ def weighted_sum(out: torch.Tensor, sources: Sequence[torch.Tensor], coeffs,
     plan.add("", [out], sources, base)
     plan.finish()
     plan.run(rows)
+    _bump_versions([out])
     return out
 
 
@@ -486,6 +498,7 @@ def weighted_sum_batched(outs: Sequence[torch.Tensor], sources: Sequence[torch.T
     plan.add("", list(outs), sources, base)
     plan.finish()
     plan.run(rows)
+    _bump_versions(list(outs))
     return list(outs)
 
 
@@ -675,6 +688,7 @@ class MergePlan:
         self._plan, self._copies, self._jobs = plan, copies, jobs
         self._keep = keep  # every tensor the plan reads: checkpoint entries and the base
         self._storages = _StorageWatch([] if _once else keep)
+        self._written = [t for _, t, _, _ in jobs]
         self._job_names = [name for name, _, _, _ in jobs]
         self._batched = None  # _Outputs: merge_batched's plan and the tensors it writes
         self._num_checkpoints = len(checkpoints)
@@ -689,6 +703,7 @@ class MergePlan:
         row = self._fold(row)
         if self._plan is not None:
             self._plan.run([row])
+            _bump_versions(self._written)
         for _, t, src in self._copies:
             with torch.no_grad():
                 t.copy_(src)
@@ -732,6 +747,7 @@ class MergePlan:
             self._batched = _Outputs(self._batched_outputs(outs), plan)
         if self._batched.plan is not None:
             self._batched.plan.run([self._fold(row) for row in rows])
+            _bump_versions(self._batched.tensors)
 
     def _batched_outputs(self, outs) -> list | None:
         """outs[k][name] for k, then each merged name (the plan's [K, T] order); None when an

@@ -21,8 +21,8 @@ from operator import attrgetter
 import torch
 
 from . import _C
-from .engine import (_DTYPE_CODES, _check_float32_finite, _check_tensor, _real_number,
-                     _real_numbers, cuda_launch)
+from .engine import (_DTYPE_CODES, _bump_versions, _check_float32_finite, _check_tensor,
+                     _real_number, _real_numbers, cuda_launch)
 
 __all__ = ["LoraPlan", "lora_weighted_sum"]
 
@@ -217,8 +217,9 @@ class LoraPlan:
             return out
         if out.device.type == "cpu":
             _C.lora_cpu(*self._args, weights, torch.get_num_threads(), self.guard_faults)
-            return out
-        _C.lora_cuda(*self._args, weights, *cuda_launch(out.device))
+        else:
+            _C.lora_cuda(*self._args, weights, *cuda_launch(out.device))
+        _bump_versions([out])
         return out
 
 

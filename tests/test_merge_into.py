@@ -439,6 +439,39 @@ def test_plan_checks_integer_entries_before_writing(checkpoints):
         assert torch.equal(before[k], t), k
 
 
+def test_writes_are_seen_by_autograd(checkpoints):
+    """Every op tells autograd it wrote in place, as torch's own in-place ops do: a graph that
+    saved a tensor before the write refuses to backward instead of using the new values."""
+    def assert_backward_refused(t, write):
+        x = torch.randn(t.shape, requires_grad=True)
+        y = (x * t).sum()  # saves t for x's gradient
+        version = t._version
+        write()
+        assert t._version > version
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.backward()
+
+    out = torch.zeros(6)
+    assert_backward_refused(out, lambda: lcsc_fast.weighted_sum(out, [torch.ones(6)], [2.0]))
+    outs = [torch.zeros(6), torch.zeros(6)]
+    assert_backward_refused(outs[1], lambda: lcsc_fast.weighted_sum_batched(
+        outs, [torch.ones(6)], [[1.0], [2.0]]))
+    net = fresh_net("autograd")
+    w = [1.0 / len(checkpoints)] * len(checkpoints)
+    assert_backward_refused(net.fc.weight, lambda: lcsc_fast.merge_into(net, checkpoints, w))
+    plan = lcsc_fast.MergePlan(net, checkpoints)
+    assert_backward_refused(net.fc.weight, lambda: plan(w))
+    cand = clone_state(net.state_dict())
+    assert_backward_refused(cand["fc.weight"], lambda: plan.merge_batched([w], [cand]))
+    out = torch.zeros(4, 5)
+    assert_backward_refused(out, lambda: lcsc_fast.lora_weighted_sum(
+        out, [torch.ones(2, 5)], [torch.ones(4, 2)], [1.0]))
+    with torch.inference_mode():  # no version counter to bump: still merged
+        frozen = torch.zeros(6)
+    lcsc_fast.weighted_sum(frozen, [torch.ones(6)], [2.0])
+    assert torch.equal(frozen, torch.full((6,), 2.0))
+
+
 def test_plan_checks_coefficients_at_each_call(checkpoints):
     """Coefficients are validated per call like merge_into's; the target stays untouched."""
     net = fresh_net("plan-coeffs-bad")
