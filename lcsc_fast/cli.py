@@ -528,7 +528,7 @@ def _cmd_merge(args) -> int:
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
                  None: None}[args.dtype]
         merged = traj.merge(coeffs, base=args.base, dtype=dtype)
-        _check_finite(merged, traj, coeffs)
+        _check_finite(merged, traj, coeffs, args.base)
         metadata = {"format": "pt", "lcsc_fast": json.dumps(
             {"coefficients": coeffs, "steps": list(traj.steps), "base": args.base})}
         _atomic(out, lambda tmp: save_file(merged, tmp, metadata=metadata))
@@ -537,18 +537,33 @@ def _cmd_merge(args) -> int:
     return EXIT_OK
 
 
-def _check_finite(merged: dict, traj, coeffs) -> None:
-    """UsageError naming the first tensor of the merge that is not finite and the checkpoints
-    that hold NaN or Inf in it (a zero coefficient does not hide them: 0 * NaN is NaN)."""
+def _check_finite(merged: dict, traj, coeffs, base: int | None) -> None:
+    """UsageError naming the first tensor of the merge that is not finite, and why: the
+    checkpoints that hold NaN or Inf in it (a zero coefficient does not hide them: 0 * NaN is
+    NaN), values beyond the output dtype's range (float16 ends at 65504), or beyond float32's,
+    which the merge accumulates in."""
     import torch
 
     for name, tensor in merged.items():
         if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
             continue
-        culprits = [i for i in range(len(traj))
-                    if not bool(torch.isfinite(traj[i][name].float()).all())]
-        where = (f"checkpoint(s) {_short(culprits)} hold NaN or Inf there" if culprits else
-                 "the coefficients overflow float32 there")
+        culprits, exact = [], 0.0  # exact: the merge in float64, to tell the ranges apart
+        for i, w in enumerate(coeffs):
+            theta = traj[i][name].double()
+            if not bool(torch.isfinite(theta).all()):
+                culprits.append(i)
+            exact = exact + w * theta
+        if base is not None:
+            exact = exact + (1.0 - math.fsum(coeffs)) * traj[base % len(traj)][name].double()
+        peak = float(exact.abs().max())
+        if culprits:
+            where = f"checkpoint(s) {_short(culprits)} hold NaN or Inf there"
+        elif tensor.dtype != torch.float32 and peak <= torch.finfo(torch.float32).max:
+            other = "fp32 or bf16" if tensor.dtype == torch.float16 else "fp32"
+            where = (f"its values reach {peak:.6g}, beyond the range of {_dtype_name(tensor.dtype)}"
+                     f" (largest {torch.finfo(tensor.dtype).max:.6g}); merge with --dtype {other}")
+        else:
+            where = "the coefficients overflow float32 there"
         raise UsageError(f"the merged {name!r} is not finite: {where}; nothing was written")
 
 

@@ -668,6 +668,37 @@ def test_merge_of_a_checkpoint_holding_nan_is_refused(work, capsys):
     assert not os.path.exists("m.safetensors")
 
 
+@pytest.mark.parametrize("options, value, coeff, fragments", [
+    pytest.param(["--dtype", "fp16"], 1e5, 0.25,
+                 ["its values reach 100000, beyond the range of float16 (largest 65504); merge "
+                  "with --dtype fp32 or bf16"], id="fp16"),
+    pytest.param(["--dtype", "fp16", "--base", "-1"], 1e5, 0.25,
+                 ["its values reach 100000, beyond the range of float16"], id="fp16-base"),
+    pytest.param(["--dtype", "bf16"], 3.4e38, 0.25,
+                 ["beyond the range of bfloat16 (largest 3.38953e+38); merge with --dtype fp32;"],
+                 id="bf16"),
+    pytest.param(["--dtype", "fp32"], 1e5, 1e34, ["the coefficients overflow float32 there"],
+                 id="fp32"),
+])
+def test_merge_beyond_the_output_dtypes_range_says_so(work, capsys, options, value, coeff,
+                                                      fragments):
+    """Finite checkpoints whose merge overflows: the error names the range that was exceeded,
+    the output dtype's (fp16 ends at 65504; say which --dtype holds it) or float32's."""
+    files = sorted(glob.glob("files/*.safetensors"))
+    for path in files:
+        tensors = load_file(path)
+        tensors["w"] = torch.full_like(tensors["w"], value)
+        save_file(tensors, path)
+    with open("w.json", "w") as f:
+        json.dump([coeff] * 4, f)
+    code, _, err = run(capsys, "merge", *files, "--coeffs", "w.json", "--out", "m.safetensors",
+                       *options)
+    assert_usage_error(code, err, "the merged 'w' is not finite: ", *fragments,
+                       "nothing was written")
+    assert ("overflow float32" in err) == (options[1] == "fp32")
+    assert not os.path.exists("m.safetensors")
+
+
 def test_search_every_on_a_trajectory_that_records_its_steps(work, capsys):
     """--every would replace the recorded steps, and merge would then refuse the result."""
     _, name, _ = work
