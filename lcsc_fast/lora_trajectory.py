@@ -49,7 +49,8 @@ import torch
 
 from . import engine
 from .lora import LoraPlan
-from .safetensors_io import CheckpointError, MappedFile, TensorEntry, read_header
+from .safetensors_io import (CheckpointError, MappedFile, TensorEntry, naming_changed_files,
+                             read_header)
 from .trajectory import (PACKED_FORMAT, RECORDER_FORMAT, _checkpoint_files, _normalized,
                          _read_json, _recorded_snapshots)
 
@@ -564,10 +565,11 @@ class LoraTrajectory(Sequence):
 
         for k, ((_, int_targets, _), (dense, lora)) in enumerate(zip(checked, plans)):
             lo, hi = spans[k]
-            if hi > lo:
-                tables.run([[a for _, a in dense]], lo, hi, guard_faults=True)
-            for plan, name in lora_plans[k]:
-                plan(lora[name])
+            with naming_changed_files(self._files):
+                if hi > lo:
+                    tables.run([[a for _, a in dense]], lo, hi, guard_faults=True)
+                for plan, name in lora_plans[k]:
+                    plan(lora[name])
             with torch.no_grad():
                 for name, t in int_targets.items():
                     t.copy_(ints[name])

@@ -10,6 +10,7 @@ error naming the file and the tensor, never later as a crash.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import mmap
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 __all__ = ["CheckpointError", "TensorEntry", "Header", "read_header", "parse_header",
-           "MappedFile", "SAFETENSORS_DTYPES"]
+           "MappedFile", "naming_changed_files", "SAFETENSORS_DTYPES"]
 
 # safetensors dtype name -> torch dtype; the engine merges F32/F16/BF16, the rest is copied.
 SAFETENSORS_DTYPES = {
@@ -201,6 +202,8 @@ class MappedFile:
         None: same size and modification time. One fstat of the open file, which is the file
         mapped: a file replaced by a rename is not seen, nor need it be (the mapping holds the
         old one)."""
+        if self._fd < 0:
+            return None
         now = _file_id(os.fstat(self._fd))
         if now[2] < self.nbytes:
             return f"shrank from {self.nbytes} to {now[2]} bytes"
@@ -238,8 +241,9 @@ class MappedFile:
         if out is None:
             out = torch.empty(nbytes, dtype=torch.uint8)
         if nbytes:
-            _C.copy_regions(array("Q", [out.data_ptr()]), array("Q", [self.address + begin]),
-                            array("q", [nbytes]), 1)
+            with naming_changed_files([self]):
+                _C.copy_regions(array("Q", [out.data_ptr()]), array("Q", [self.address + begin]),
+                                array("q", [nbytes]), 1)
         return out
 
     def advise(self, begin: int, nbytes: int, advice: int) -> None:
@@ -270,3 +274,16 @@ class MappedFile:
                 pass  # a view is still alive; the mapping goes when it does
         os.close(self._fd)
         self._fd = -1
+
+
+@contextlib.contextmanager
+def naming_changed_files(files):
+    """Re-raise the native fault guard's RuntimeError (a SIGBUS reading a mapped file, which
+    names no file) naming those of files (MappedFiles) that changed since they were opened."""
+    try:
+        yield
+    except RuntimeError as e:
+        changed = [f"{f.path} {change}" for f in files if (change := f.change()) is not None]
+        if "SIGBUS" not in str(e) or not changed:
+            raise
+        raise RuntimeError(f"{e} ({'; '.join(changed)}; open the trajectory again)") from None

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import engine
-from .safetensors_io import CheckpointError, MappedFile, read_header
+from .safetensors_io import CheckpointError, MappedFile, naming_changed_files, read_header
 
 __all__ = ["Trajectory"]
 
@@ -389,8 +389,9 @@ class Trajectory(Sequence):
             if device.type == "cuda":
                 from .streaming import merge_staged
 
-                return merge_staged(self, targets, device, columns, base_column, extra,
-                                    rows=rows)
+                with naming_changed_files(self._files):
+                    return merge_staged(self, targets, device, columns, base_column, extra,
+                                        rows=rows)
             if device.type != "cpu":
                 raise ValueError(f"target on {device}: merges from files go to cpu or cuda")
         elif _normalized(device) != self._resident[0]:
@@ -406,13 +407,15 @@ class Trajectory(Sequence):
         # memory, until released: it goes in chunks, the next chunk's pages asked for ahead and
         # each chunk's released once merged, so memory stays bounded however large it is.
         if sum(f.nbytes for f in self._files) <= _physical_memory_nbytes() // 2:
-            return plan.run(columns, guard_faults=True)
+            with naming_changed_files(self._files):
+                return plan.run(columns, guard_faults=True)
         chunks = _chunks(seg.nbytes[rows], CHUNK_NBYTES)
-        for k, (lo, hi) in enumerate(chunks):
-            if k + 1 < len(chunks):
-                self._advise(rows[chunks[k + 1][0]:chunks[k + 1][1]], mmap.MADV_WILLNEED)
-            plan.run(columns, lo, hi, guard_faults=True)
-            self._advise(rows[lo:hi], mmap.MADV_DONTNEED)
+        with naming_changed_files(self._files):
+            for k, (lo, hi) in enumerate(chunks):
+                if k + 1 < len(chunks):
+                    self._advise(rows[chunks[k + 1][0]:chunks[k + 1][1]], mmap.MADV_WILLNEED)
+                plan.run(columns, lo, hi, guard_faults=True)
+                self._advise(rows[lo:hi], mmap.MADV_DONTNEED)
 
     def _plan(self, rows: np.ndarray, src: np.ndarray, targets, device, base_column, extra):
         """The engine plan for segments `rows` (indices), whose source columns are at src

@@ -865,9 +865,10 @@ def test_file_rewritten_in_place_after_open_is_refused(run, tmp_path, victim):
         assert_unchanged(target, snap)
 
 def test_truncation_during_a_merge_raises_instead_of_crashing(tmp_path):
-    """The native fault guard on the low-rank path: with the changed-file check disabled (as if an
-    adapter file shrank after it), the merge's reads of vanished pages raise RuntimeError
-    naming SIGBUS and the process lives on (run in a subprocess, in case it does not)."""
+    """The native fault guard on the low-rank path: with the changed-file check disabled (as if
+    an adapter file shrank after it), the merge's reads of vanished pages raise RuntimeError
+    naming SIGBUS and the file, and the process lives on (run in a subprocess, in case it does
+    not)."""
     code = textwrap.dedent("""
         import os, sys, torch
         from safetensors.torch import save_file
@@ -900,6 +901,7 @@ def test_truncation_during_a_merge_raises_instead_of_crashing(tmp_path):
     lines = result.stdout.splitlines()
     assert lines[-1] == "survived", result.stdout
     assert lines[-2].startswith("RuntimeError:") and "SIGBUS" in lines[-2], result.stdout
+    assert f"{os.path.join(tmp_path, '1.safetensors')} shrank from " in lines[-2], result.stdout
 
 
 
@@ -908,10 +910,10 @@ def test_truncation_during_a_merge_raises_instead_of_crashing(tmp_path):
 def test_truncated_base_or_adapter_raises_before_writing(tmp_path, device, victim):
     """Every read of a mapped file is fault-guarded, the base's integer tensors (copied, not
     merged) and copies to a CUDA target included: with the changed-file check disabled (as if
-    the file shrank after it), a merge raises RuntimeError naming SIGBUS and the process lives
-    on (run in a subprocess, in case it does not). The sources read by plain copies are read
-    before anything is written: a truncated integer shard, or any file for a CUDA target,
-    leaves the target unchanged."""
+    the file shrank after it), a merge raises RuntimeError naming SIGBUS and the file, and the
+    process lives on (run in a subprocess, in case it does not). The sources read by plain
+    copies are read before anything is written: a truncated integer shard, or any file for a
+    CUDA target, leaves the target unchanged."""
     code = textwrap.dedent("""
         import os, sys, torch
         from safetensors.torch import save_file
@@ -952,6 +954,8 @@ def test_truncated_base_or_adapter_raises_before_writing(tmp_path, device, victi
     lines = result.stdout.splitlines()
     assert lines[-1] == "survived", result.stdout
     assert lines[-3].startswith("RuntimeError:") and "SIGBUS" in lines[-3], result.stdout
+    name = "adapter-1" if victim == "adapter" else victim
+    assert f"{os.path.join(tmp_path, name)}.safetensors shrank from " in lines[-3], result.stdout
     if victim == "base-integers" or device == "cuda":
         assert lines[-2] == "unchanged", result.stdout
 

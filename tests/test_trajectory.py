@@ -1620,20 +1620,27 @@ def run_python(code: str, folder) -> subprocess.CompletedProcess:
 
 GUARD_CALLS = {
     "in-place": "merge_into(target, traj, [0.2, 0.3, 0.5])",
+    "chunked": ("import lcsc_fast.trajectory as T\n"
+                "T._physical_memory_nbytes, T.CHUNK_NBYTES = lambda: 0, 4096\n"
+                "merge_into(target, traj, [0.2, 0.3, 0.5])"),
     "staged": ("columns, base_column, extra = traj._column_coefficients([0.2, 0.3, 0.5], None, "
                "target)\n"
                "merge_staged(traj, [target['w']], torch.device('cpu'), columns, base_column, "
                "extra, chunk_nbytes=4096)"),
+    "getitem": "traj[1]",
 }
 
 
 @pytest.mark.parametrize("path", [
     pytest.param("in-place", id="in-place"),
+    pytest.param("chunked", id="chunked"),
     pytest.param("staged", id="staged"),
+    pytest.param("getitem", id="getitem"),
 ])
 def test_truncation_during_merge_raises_instead_of_crashing(tmp_path, path):
     """The native fault guard: with the changed-file check disabled (as if the file shrank after
-    it), the merge's reads of vanished pages raise RuntimeError naming SIGBUS, and the process
+    it), the merge's (or traj[i]'s) reads of vanished pages raise RuntimeError naming SIGBUS and
+    (but for merge_staged called alone, not from a merge) the file that shrank, and the process
     lives on (run in a subprocess, in case it does not). Integer tensors are not copied."""
     call = textwrap.indent(GUARD_CALLS[path], "    ")
     code = SUBPROCESS_SETUP + textwrap.dedent("""
@@ -1654,6 +1661,8 @@ def test_truncation_during_merge_raises_instead_of_crashing(tmp_path, path):
     lines = result.stdout.splitlines()
     assert lines[-1] == "survived", result.stdout
     assert lines[-2].startswith("RuntimeError:") and "SIGBUS" in lines[-2], result.stdout
+    if path != "staged":
+        assert f"{os.path.join(tmp_path, '1.safetensors')} shrank from " in lines[-2], result.stdout
 
 
 @pytest.mark.parametrize("operation", [
