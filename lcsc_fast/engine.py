@@ -216,9 +216,12 @@ def _check_tensor(t, what: str) -> torch.Tensor:
 
 def _is_like(t, ref: torch.Tensor) -> bool:
     """The common case in one expression: a supported contiguous tensor shaped like ref."""
-    return (isinstance(t, torch.Tensor) and t.layout == torch.strided and not t.is_nested
-            and t.dtype in _DTYPE_CODES and t.shape == ref.shape and t.is_contiguous()
-            and not t.is_neg() and t.device == ref.device)
+    try:
+        return (isinstance(t, torch.Tensor) and t.layout is torch.strided
+                and t.dtype in _DTYPE_CODES and t.shape == ref.shape and t.is_contiguous()
+                and not t.is_neg() and t.device == ref.device)
+    except RuntimeError:  # a nested tensor has no shape: _check_tensor names it
+        return False
 
 
 # _bump_versions(tensors) tells autograd that the engine wrote them in place, as torch's in-place
