@@ -6,8 +6,9 @@
                              "<index>/<name>"; small
     <dir>/deltas.bin         delta_i = theta_i - theta_p for every checkpoint i != p, in the delta
                              dtype (bf16 halves an fp32 run), block-interleaved: for each float
-                             tensor in manifest order, for each block of `block_elems` elements,
-                             the N - 1 deltas of that block one after another
+                             tensor in manifest order, for each block of `block_elems` elements
+                             (the whole tensor when it has fewer), the N - 1 deltas of that block
+                             one after another
 
 The interleaving puts everything one block of a merge needs in one contiguous run of bytes, so
 a merge streams deltas.bin front to back: from disk when it is larger than memory, or as a few
@@ -40,6 +41,8 @@ _DELTA_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.fl
                  torch.bfloat16: torch.bfloat16, torch.float16: torch.float16,
                  torch.float32: torch.float32}
 _STAGE_NBYTES = 64 * 2**20  # deltas computed this many bytes at a time
+PACKED_VERSION = 1
+_FLOAT_NAMES = ("F32", "F16", "BF16")  # the dtypes merges read: deltas and float tensors
 
 
 def pack(traj, out_dir, dtype="bf16", base: int = 0, block_elems: int = 65536) -> str:
@@ -65,8 +68,8 @@ def pack(traj, out_dir, dtype="bf16", base: int = 0, block_elems: int = 65536) -
     if isinstance(base, bool) or not isinstance(base, int) or not -n <= base < n:
         raise ValueError(f"pack: base must be a checkpoint index in [-{n}, {n})")
     base %= n
-    if block_elems < 1:
-        raise ValueError("pack: block_elems must be positive")
+    if isinstance(block_elems, bool) or not isinstance(block_elems, int) or block_elems < 1:
+        raise ValueError(f"pack: block_elems must be a positive integer, not {block_elems!r}")
     out_dir = os.fspath(out_dir)
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise FileExistsError(f"pack: {out_dir} exists and is not empty; choose a new directory")
@@ -111,10 +114,11 @@ def _write_store(traj: Trajectory, partial: str, base: int, delta_dtype: torch.d
             if not bool(torch.isfinite(theta_p).all()):
                 raise _not_finite(traj, base, name)
             numel = theta_p.numel()
+            block = min(block_elems, max(1, numel))  # a longer block is the whole tensor
             # Whole blocks per stage, so that stages concatenate into the block layout.
-            per_stage = max(1, _STAGE_NBYTES // max(1, len(others) * esize * block_elems))
-            for lo in range(0, numel if others else 0, per_stage * block_elems):
-                hi = min(numel, lo + per_stage * block_elems)
+            per_stage = max(1, _STAGE_NBYTES // max(1, len(others) * esize * block))
+            for lo in range(0, numel if others else 0, per_stage * block):
+                hi = min(numel, lo + per_stage * block)
                 deltas = torch.empty((len(others), hi - lo), dtype=delta_dtype)  # [N-1, hi-lo]
                 for j, i in enumerate(others):
                     deltas[j] = _elements(traj, i, name, lo, hi).sub_(theta_p[lo:hi])
@@ -123,8 +127,8 @@ def _write_store(traj: Trajectory, partial: str, base: int, delta_dtype: torch.d
                         raise _bad_delta(traj, i, base, name, lo, hi, theta_p[lo:hi],
                                          delta_dtype)
                 # Stages start on block boundaries, so only a tensor's last block is short.
-                full = (hi - lo) // block_elems * block_elems
-                interleaved = [deltas[:, :full].reshape(len(others), -1, block_elems)
+                full = (hi - lo) // block * block
+                interleaved = [deltas[:, :full].reshape(len(others), -1, block)
                                .transpose(0, 1).contiguous(), deltas[:, full:].contiguous()]
                 for part in interleaved:
                     if part.numel():
@@ -139,8 +143,8 @@ def _write_store(traj: Trajectory, partial: str, base: int, delta_dtype: torch.d
              "deltas.bin": {"nbytes": os.path.getsize(os.path.join(partial, "deltas.bin")),
                             "sha256": digest.hexdigest()}}
     manifest = {
-        "format": PACKED_FORMAT, "version": 1, "steps": list(traj.steps), "base_index": base,
-        "delta_dtype": DTYPE_NAMES[delta_dtype], "block_elems": block_elems,
+        "format": PACKED_FORMAT, "version": PACKED_VERSION, "steps": list(traj.steps),
+        "base_index": base, "delta_dtype": DTYPE_NAMES[delta_dtype], "block_elems": block_elems,
         "tensors": [{"name": k, "shape": list(traj.shapes[k]), "dtype": DTYPE_NAMES[
             base_ckpt[k].dtype]} for k in float_names],
         "files": files,
@@ -208,28 +212,73 @@ def _file_record(path: str) -> dict:
     return {"nbytes": os.path.getsize(path), "sha256": digest.hexdigest()}
 
 
+def _manifest_fields(manifest, where: str) -> tuple:
+    """(steps, base index, delta dtype, block_elems, [(name, shape, dtype)], {file: (nbytes,
+    sha256)}) of a packed store's manifest, each checked for type and range; CheckpointError
+    naming the field that is missing or malformed."""
+    def fail(what: str) -> CheckpointError:
+        return CheckpointError(f"{where}: {what}; the manifest is damaged or was edited, so "
+                               "pack the trajectory again")
+
+    def is_int(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    def brief(x) -> str:
+        text = repr(x)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    if not isinstance(manifest, dict):
+        raise fail(f"it holds {type(manifest).__name__}, not an object")
+    version = manifest.get("version")
+    if not is_int(version) or version != PACKED_VERSION:
+        raise CheckpointError(f"{where}: version {brief(version)} is not one this lcsc_fast "
+                              f"reads (version {PACKED_VERSION}); upgrade lcsc_fast, or pack "
+                              "the trajectory again")
+    steps = manifest.get("steps")
+    if not isinstance(steps, list) or not steps or not all(map(is_int, steps)):
+        raise fail(f"steps is {brief(steps)}, not a non-empty list of integers")
+    p = manifest.get("base_index")
+    if not is_int(p) or not 0 <= p < len(steps):
+        raise fail(f"base_index is {brief(p)}, not a checkpoint index in [0, {len(steps)})")
+    delta_dtype = manifest.get("delta_dtype")
+    if not isinstance(delta_dtype, str) or delta_dtype not in _FLOAT_NAMES:
+        raise fail(f"delta_dtype is {brief(delta_dtype)}, not one of {', '.join(_FLOAT_NAMES)}")
+    block = manifest.get("block_elems")
+    if not is_int(block) or block < 1:
+        raise fail(f"block_elems is {brief(block)}, not a positive integer")
+    if not isinstance(manifest.get("tensors"), list):
+        raise fail(f"tensors is {brief(manifest.get('tensors'))}, not a list")
+    tensors, names = [], set()
+    for k, t in enumerate(manifest["tensors"]):
+        if not (isinstance(t, dict) and isinstance(t.get("name"), str)
+                and isinstance(t.get("shape"), list)
+                and all(is_int(d) and d >= 0 for d in t["shape"])
+                and isinstance(t.get("dtype"), str) and t["dtype"] in _FLOAT_NAMES):
+            raise fail(f"tensors[{k}] is {brief(t)}, not {{\"name\": str, \"shape\": [int >= 0, "
+                       f"...], \"dtype\": one of {', '.join(_FLOAT_NAMES)}}}")
+        if t["name"] in names:
+            raise fail(f"tensor {t['name']!r} is listed twice")
+        names.add(t["name"])
+        tensors.append((t["name"], tuple(t["shape"]), SAFETENSORS_DTYPES[t["dtype"]]))
+    if not isinstance(manifest.get("files"), dict):
+        raise fail(f"files is {brief(manifest.get('files'))}, not an object")
+    files = {}
+    for name in ("base.safetensors", "integers.safetensors", "deltas.bin"):
+        rec = manifest["files"].get(name)
+        if not (isinstance(rec, dict) and is_int(rec.get("nbytes")) and rec["nbytes"] >= 0
+                and isinstance(rec.get("sha256"), str)):
+            raise fail(f"files[{name!r}] is {brief(rec)}, not {{\"nbytes\": int, \"sha256\": "
+                       "str}")
+        files[name] = (rec["nbytes"], rec["sha256"])
+    return steps, p, SAFETENSORS_DTYPES[delta_dtype], block, tensors, files
+
+
 def open_packed(cls, path: str, manifest: dict, verify: bool = False) -> Trajectory:
     """Trajectory.open for a packed store (called by it)."""
     where = os.path.join(path, "manifest.json")
-    try:
-        steps = [int(s) for s in manifest["steps"]]
-        p = int(manifest["base_index"])
-        delta_dtype = SAFETENSORS_DTYPES[manifest["delta_dtype"]]
-        block = int(manifest["block_elems"])
-        tensors = [(str(t["name"]), tuple(int(d) for d in t["shape"]),
-                    SAFETENSORS_DTYPES[t["dtype"]]) for t in manifest["tensors"]]
-        files = {name: (int(rec["nbytes"]), str(rec["sha256"]))
-                 for name, rec in manifest["files"].items()}
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{where}: not a valid packed-store manifest ({e!r})") from None
+    steps, p, delta_dtype, block, tensors, files = _manifest_fields(manifest, where)
     n = len(steps)
-    if n < 1 or not 0 <= p < n or block < 1 or delta_dtype not in (
-            torch.float32, torch.float16, torch.bfloat16):
-        raise CheckpointError(f"{where}: inconsistent steps, base_index, block_elems or "
-                              "delta_dtype")
-    for name in ("base.safetensors", "integers.safetensors", "deltas.bin"):
-        if name not in files:
-            raise CheckpointError(f"{where}: lists no {name}")
+    for name in files:
         file = os.path.join(path, name)
         size = os.path.getsize(file) if os.path.exists(file) else None
         if size != files[name][0]:
@@ -273,8 +322,9 @@ def open_packed(cls, path: str, manifest: dict, verify: bool = False) -> Traject
     parts, region = [], 0
     for j, (name, shape, dtype) in enumerate(tensors):
         numel = math.prod(shape)
-        starts = np.arange(0, numel, block, dtype=np.int64)
-        lens = np.minimum(block, numel - starts)
+        tensor_block = min(block, max(1, numel))  # a longer block is the whole tensor
+        starts = np.arange(0, numel, tensor_block, dtype=np.int64)
+        lens = np.minimum(tensor_block, numel - starts)
         block_offset = region + (n - 1) * starts * esize
         delta_offsets = block_offset[:, None] + np.arange(n - 1)[None, :] * (lens * esize)[:, None]
         base_entry = header.entries[name]

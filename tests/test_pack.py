@@ -5,11 +5,15 @@
   leaves nothing behind; the dtypes that can hold the delta pack it exactly.
 * Every file of the store, and its folder, is fsynced before the folder is renamed into place;
   every file has the mode the umask gives (0644 under umask 022), not safetensors' 0600.
+* A manifest that is malformed (a field of the wrong type or out of range, a version this
+  lcsc_fast does not read) is a CheckpointError naming manifest.json and the field; block_elems
+  beyond a tensor's size is the whole tensor, written and read alike.
 (The packed store's layout and merges are tested in test_trajectory.py.)
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -133,3 +137,92 @@ def test_files_get_the_mode_the_umask_gives(tmp_path, umask):
         os.umask(old)
     for name in ("base.safetensors", "integers.safetensors", "deltas.bin", "manifest.json"):
         assert os.stat(os.path.join(out, name)).st_mode & 0o777 == 0o666 & ~umask, name
+
+
+# ---------------------------------------------------------------- the manifest
+
+
+def small_run(folder) -> list[str]:
+    """Three checkpoints whose float tensor w (10 elements) equals the checkpoint's index."""
+    return write_checkpoints(folder, [{"w": torch.full((10,), float(i)), "n": torch.tensor(i)}
+                                      for i in range(3)])
+
+
+DELETE = object()
+
+
+def edit(manifest: dict, field: str, value) -> None:
+    """Set manifest[field] to value; "files/<name>" and "tensors/<k>/<key>" reach inside."""
+    *inner, key = field.split("/")
+    for part in inner:
+        manifest = manifest[int(part)] if isinstance(manifest, list) else manifest[part]
+    if value is DELETE:
+        del manifest[key]
+    else:
+        manifest[key] = value
+
+
+MALFORMED = {  # id: (field, value, what the message says)
+    "version 99": ("version", 99, "version 99 is not one this lcsc_fast reads (version 1)"),
+    "no version": ("version", DELETE, "version None is not one this lcsc_fast reads"),
+    "version true": ("version", True, "version True is not one"),
+    "steps string": ("steps", "012", "steps is '012', not a non-empty list of integers"),
+    "steps floats": ("steps", [0.5, 1.7, 2.2], "steps is [0.5, 1.7, 2.2], not"),
+    "steps empty": ("steps", [], "steps is [], not a non-empty list"),
+    "base_index float": ("base_index", 0.9, "base_index is 0.9, not a checkpoint index in [0, 3)"),
+    "base_index out of range": ("base_index", 3, "base_index is 3, not a checkpoint index"),
+    "block_elems string": ("block_elems", "7", "block_elems is '7', not a positive integer"),
+    "block_elems zero": ("block_elems", 0, "block_elems is 0, not a positive integer"),
+    "block_elems float": ("block_elems", 7.0, "block_elems is 7.0, not a positive integer"),
+    "delta_dtype I8": ("delta_dtype", "I8", "delta_dtype is 'I8', not one of F32, F16, BF16"),
+    "tensors object": ("tensors", {"name": "w"}, "tensors is {'name': 'w'}, not a list"),
+    "tensor dtype I64": ("tensors/0/dtype", "I64", "tensors[0] is {'name': 'w', 'shape': [10], "),
+    "negative shape": ("tensors/0/shape", [-10], "tensors[0] is"),
+    "files list": ("files", [], "files is [], not an object"),
+    "files entry null": ("files/deltas.bin", None, "files['deltas.bin'] is None, not"),
+    "nbytes string": ("files/deltas.bin/nbytes", "80", "files['deltas.bin'] is {'nbytes': '80'"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_a_malformed_manifest_is_a_checkpoint_error_naming_the_field(tmp_path, case):
+    field, value, fragment = MALFORMED[case]
+    out = pack(small_run(tmp_path), tmp_path / "store")
+    path = os.path.join(out, "manifest.json")
+    with open(path, encoding="utf-8") as f:
+        manifest = json.load(f)
+    edit(manifest, field, value)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(manifest, f)
+    with pytest.raises(CheckpointError, match=re.escape(f"{path}: {fragment}")):
+        Trajectory.open(out)
+
+
+def test_a_tensor_listed_twice_is_refused(tmp_path):
+    out = pack(small_run(tmp_path), tmp_path / "store")
+    path = os.path.join(out, "manifest.json")
+    with open(path, encoding="utf-8") as f:
+        manifest = json.load(f)
+    manifest["tensors"].append(manifest["tensors"][0])
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(manifest, f)
+    with pytest.raises(CheckpointError, match=re.escape(f"{path}: tensor 'w' is listed twice")):
+        Trajectory.open(out)
+
+
+@pytest.mark.parametrize("block_elems", [3, 10, 11, 2**62, 10**30])
+def test_block_elems_beyond_a_tensor_is_the_whole_tensor(tmp_path, block_elems):
+    """Any positive block_elems packs, and the store reads back the checkpoints exactly (fp32
+    deltas of small integers); 10**30 no longer overflows the reader's int64 arithmetic."""
+    out = pack(small_run(tmp_path), tmp_path / "store", dtype="fp32", block_elems=block_elems)
+    with Trajectory.open(out, verify=True) as packed:
+        for i in range(3):
+            assert packed[i]["w"].tolist() == [float(i)] * 10
+        assert packed.merge([0.25, 0.25, 0.5])["w"].tolist() == [1.25] * 10
+
+
+@pytest.mark.parametrize("block_elems", ["7", 7.0, True, 0])
+def test_pack_refuses_a_block_elems_that_is_not_a_positive_integer(tmp_path, block_elems):
+    with pytest.raises(ValueError, match="block_elems must be a positive integer"):
+        pack(small_run(tmp_path), tmp_path / "store", block_elems=block_elems)
+    assert not os.path.exists(tmp_path / "store")
