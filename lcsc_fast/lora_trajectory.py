@@ -363,6 +363,7 @@ class LoraTrajectory(Sequence):
         self._float_names = [n for n in sorted(shapes) if dtypes[n].is_floating_point]
         self._views = {}  # key -> CPU tensor viewing the mapped file
         self._resident = None  # after .to(): (device, key -> tensor)
+        self._closed = False
         # Kept between merges, so that a search's merges validate each layer once:
         self._factor_lists = {}  # device -> {adapted name: (As, Bs)}, see _factors
         self._lora_plans = {}  # (output index, adapted name) -> (LoraPlan, its As list)
@@ -464,10 +465,17 @@ class LoraTrajectory(Sequence):
                 f"{self.steps[-1]}, {len(self._modules)} adapted of {len(self.shapes)} tensors)")
 
     def close(self) -> None:
+        """Close the files and drop resident copies; using the trajectory then raises."""
+        self._closed = True
+        self._resident = None
         self._forget_plans()
         self._views.clear()
         for f in self._files:
             f.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("the trajectory is closed; open it again with Trajectory.open")
 
     def __enter__(self):
         return self
@@ -480,6 +488,7 @@ class LoraTrajectory(Sequence):
     def merge(self, coeffs, base=None, device="cpu", dtype: torch.dtype | None = None) -> dict:
         """The merged checkpoint as a new dict name -> tensor on device; floating-point tensors
         get dtype (default: the base's). Same coefficients and base as merge_into."""
+        self._check_open()
         device = torch.device(device)
         out = {}
         for name in self.names:
@@ -512,6 +521,7 @@ class LoraTrajectory(Sequence):
         """Validate every output, coefficient and source, then merge row k into outs[k].
         keep_plans: keep each adapted weight's LoraPlan for the next merge into the same
         tensors (see _lora_plan)."""
+        self._check_open()
         what = "the target" if ints_required else "outs[{k}]"
         checked = [self._check_target(t, what.format(k=k), ints_required)
                    for k, t in enumerate(outs)]
@@ -731,6 +741,7 @@ class LoraTrajectory(Sequence):
         """Keep W0 and every factor resident on device ("cuda", "cuda:1") or in pinned host
         memory ("pinned"), so that repeated merges (a search) never read the files. Returns
         self."""
+        self._check_open()
         pinned = str(device) == "pinned"
         target = _normalized(torch.device("cpu" if pinned else device))
         resident = {}

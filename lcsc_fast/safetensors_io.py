@@ -197,12 +197,16 @@ class MappedFile:
             raise
         self.address = self._bytes.data_ptr()
 
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
     def change(self) -> str | None:
         """How the file changed since it was opened ("shrank from 200 to 100 bytes", ...), or
         None: same size and modification time. One fstat of the open file, which is the file
         mapped: a file replaced by a rename is not seen, nor need it be (the mapping holds the
         old one)."""
-        if self._fd < 0:
+        if self.closed:
             return None
         now = _file_id(os.fstat(self._fd))
         if now[2] < self.nbytes:
@@ -214,7 +218,10 @@ class MappedFile:
 
     def check_unchanged(self) -> None:
         """Refuse a file changed since it was opened: one that shrank would fault, one rewritten
-        in place would be read as garbage at the old header's offsets."""
+        in place would be read as garbage at the old header's offsets. ValueError once closed."""
+        if self.closed:
+            raise ValueError(f"{self.path}: the file was closed with its trajectory; open the "
+                             "trajectory again")
         change = self.change()
         if change is not None:
             raise CheckpointError(f"{self.path}: the file {change} since the trajectory was "

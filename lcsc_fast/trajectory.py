@@ -86,6 +86,7 @@ class Trajectory(Sequence):
         self._packed_base = packed_base  # packed: index of the base checkpoint
         self._resident = None  # after .to(): (device, [F] address) of resident copies
         self._resident_buffers = None
+        self._closed = False
 
     # ------------------------------------------------------------------ opening
 
@@ -223,6 +224,7 @@ class Trajectory(Sequence):
 
     def __getitem__(self, i):
         """Checkpoint i as a dict of tensors copied out of the files."""
+        self._check_open()
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         n = len(self)
@@ -241,8 +243,15 @@ class Trajectory(Sequence):
                 f"{self.steps[-1]}, {len(self.shapes)} tensors)")
 
     def close(self) -> None:
+        """Close the files and drop resident copies; using the trajectory then raises."""
+        self._closed = True
+        self._resident = self._resident_buffers = None
         for f in self._files:
             f.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("the trajectory is closed; open it again with Trajectory.open")
 
     def __enter__(self):
         return self
@@ -258,6 +267,7 @@ class Trajectory(Sequence):
         Floating-point tensors get dtype (default: the checkpoints' own dtype), the others are the
         last checkpoint's. Same coefficients and base as lcsc_fast.merge_into.
         """
+        self._check_open()
         device = torch.device(device)
         out = {}
         for name in self.names:
@@ -270,6 +280,7 @@ class Trajectory(Sequence):
 
     def _lcsc_merge_into(self, target, coeffs, base=None):
         """lcsc_fast.merge_into(target, traj, coeffs, base) lands here."""
+        self._check_open()
         tensors = engine._target_tensors(target)
         targets, device, rows = self._float_targets(tensors)
         (weights,) = engine._coeff_rows(coeffs, None, len(self))
@@ -287,6 +298,7 @@ class Trajectory(Sequence):
         """K merges in one pass over the trajectory: outs[k] (a dict or module holding every
         floating-point tensor of the trajectory) gets the merge with coeffs[k]. Integer tensors
         are not touched. How a search scores a generation: each byte is read once for all K."""
+        self._check_open()
         rows_k = engine._coeff_rows(coeffs, len(outs), len(self))
         targets_k, columns_k, device, rows, base_column, extra = [], [], None, None, None, None
         for k, out in enumerate(outs):
@@ -486,6 +498,7 @@ class Trajectory(Sequence):
         """Keep the trajectory's bytes resident on device ("cuda", "cuda:1") or in pinned host
         memory ("pinned"), so that repeated merges (a search) never touch the files again.
         Returns self."""
+        self._check_open()
         pinned = str(device) == "pinned"
         if not pinned and torch.device(device).type == "cuda":
             self._check_aligned_for_cuda()

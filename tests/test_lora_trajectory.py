@@ -864,6 +864,27 @@ def test_file_rewritten_in_place_after_open_is_refused(run, tmp_path, victim):
         assert path in str(info.value)
         assert_unchanged(target, snap)
 
+@pytest.mark.parametrize("resident", [False, True], ids=["mapped", "resident"])
+def test_closed_trajectory_refuses_use(run, tmp_path, resident):
+    """Every use of a closed LoRA trajectory raises ValueError saying it is closed (not EBADF);
+    the target is left unchanged."""
+    folders, net, _ = run
+    base_path = str(tmp_path / "base.safetensors")
+    save_file(net.state_dict(), base_path)
+    traj = Trajectory.open(folders, base=base_path)
+    if resident:
+        traj.to("cpu")
+    traj.close()
+    target = make_net("t")
+    snap = snapshot(target)
+    c = COEFFS["sum 1"]
+    for call in (lambda: traj.merge(c), lambda: merge_into(target, traj, c), lambda: traj[0],
+                 lambda: traj.merge_batched([c], [target]), lambda: traj.to("cpu")):
+        with pytest.raises(ValueError, match="the trajectory is closed"):
+            call()
+    assert_unchanged(target, snap)
+
+
 def test_truncation_during_a_merge_raises_instead_of_crashing(tmp_path):
     """The native fault guard on the low-rank path: with the changed-file check disabled (as if
     an adapter file shrank after it), the merge's reads of vanished pages raise RuntimeError

@@ -1592,6 +1592,33 @@ def test_files_deleted_after_open_still_merge(run, paths, bdict, tmp_path, kind)
         assert_states_bitwise(traj[1], first)
 
 
+@pytest.mark.parametrize("resident", [False, True], ids=["mapped", "resident"])
+@pytest.mark.parametrize("kind", ["raw", "packed"])
+def test_closed_trajectory_refuses_use(paths, stores, tmp_path, kind, resident):
+    """Every use of a closed trajectory raises ValueError saying it is closed (not EBADF), and a
+    closed file refuses reads naming itself; the target is left unchanged."""
+    traj = Trajectory.open(paths if kind == "raw" else stores("bf16", 0, 7))
+    if resident:
+        traj.to("cpu")
+    traj.close()
+    traj.close()  # twice is fine
+    target = target_like(make_run(1, "main")[0])
+    snap = snapshot(target)
+    calls = [lambda: traj.merge(COEFFS), lambda: merge_into(target, traj, COEFFS),
+             lambda: traj.merge_batched([COEFFS], [target]), lambda: traj[0],
+             lambda: traj.to("cpu")]
+    if kind == "raw":  # a packed store is not packed again
+        calls.append(lambda: pack(traj, tmp_path / "packed"))
+    for call in calls:
+        with pytest.raises(ValueError, match="the trajectory is closed"):
+            call()
+    assert_unchanged(target, snap)
+    assert not os.path.exists(tmp_path / "packed")
+    with pytest.raises(ValueError, match="closed") as info:
+        traj._files[0].read(0, 8)
+    assert traj._files[0].path in str(info.value)
+
+
 SUBPROCESS_SETUP = textwrap.dedent("""
     import os, sys
     import torch
