@@ -14,7 +14,8 @@ The interleaving puts everything one block of a merge needs in one contiguous ru
 a merge streams deltas.bin front to back: from disk when it is larger than memory, or as a few
 large copies to a GPU. A store is written in a new folder beside <dir>
 (<dir>.partial-<pid>-<random>) and renamed into place when complete, so a <dir> that exists is
-whole; a failed pack removes its folder.
+whole; a failed pack removes its folder. An empty <dir> that exists is replaced by the store,
+which takes its mode and (where permitted) its group.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import math
 import os
 import secrets
 import shutil
+import stat
 
 import numpy as np
 import torch
@@ -71,10 +73,13 @@ def pack(traj, out_dir, dtype="bf16", base: int = 0, block_elems: int = 65536) -
     if isinstance(block_elems, bool) or not isinstance(block_elems, int) or block_elems < 1:
         raise ValueError(f"pack: block_elems must be a positive integer, not {block_elems!r}")
     out_dir = os.fspath(out_dir)
-    if os.path.exists(out_dir) and os.listdir(out_dir):
-        raise FileExistsError(f"pack: {out_dir} exists and is not empty; choose a new directory")
+    existing = _check_out_dir(out_dir)
     parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise type(e)(f"pack: cannot make the folder {parent} for {out_dir} ({e.strerror or e})"
+                      ) from None
     # A new folder beside out_dir, renamed into place when complete: an out_dir that exists is
     # whole, and nothing already on disk is removed (a leftover of an interrupted pack could as
     # well be a folder of the user's with the same name).
@@ -82,7 +87,11 @@ def pack(traj, out_dir, dtype="bf16", base: int = 0, block_elems: int = 65536) -
     partial = os.path.join(parent, f"{name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
     os.mkdir(partial)
     try:
+        if existing is not None:
+            _adopt_group(partial, existing)
         _write_store(traj, partial, base, delta_dtype, block_elems)
+        if existing is not None:
+            os.chmod(partial, stat.S_IMODE(existing.st_mode))
         if os.path.exists(out_dir):
             os.rmdir(out_dir)  # empty, checked above
         os.replace(partial, out_dir)
@@ -91,6 +100,38 @@ def pack(traj, out_dir, dtype="bf16", base: int = 0, block_elems: int = 65536) -
         raise
     fsync_dir(parent)
     return out_dir
+
+
+def _check_out_dir(out_dir: str) -> os.stat_result | None:
+    """Refuse an out_dir the store cannot be renamed onto, before anything is written; returns
+    the stat of an existing empty directory (the store takes its mode and group), else None."""
+    if os.path.islink(out_dir):
+        target = os.path.realpath(out_dir)
+        hint = (f"pack into {target} itself" if os.path.isdir(target)
+                and not os.listdir(target) else "choose a new directory")
+        raise FileExistsError(f"pack: {out_dir} is a symbolic link (to {os.readlink(out_dir)}), "
+                              f"which the store would replace; {hint}")
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise FileExistsError(f"pack: {out_dir} exists and is not a directory; choose a new "
+                              "directory")
+    if not os.path.isdir(out_dir):
+        return None
+    if os.listdir(out_dir):
+        raise FileExistsError(f"pack: {out_dir} exists and is not empty; choose a new directory")
+    return os.stat(out_dir)
+
+
+def _adopt_group(folder: str, existing: os.stat_result) -> None:
+    """Give folder the group and set-group-ID bit of the empty directory it will replace, so
+    that the files written in it get the group they would have got there. Best effort: only
+    the group's members (and root) may give a file that group."""
+    if not hasattr(os, "chown"):  # Windows
+        return
+    try:
+        os.chown(folder, -1, existing.st_gid)
+    except OSError:
+        return
+    os.chmod(folder, stat.S_IMODE(os.stat(folder).st_mode) | existing.st_mode & stat.S_ISGID)
 
 
 def _write_store(traj: Trajectory, partial: str, base: int, delta_dtype: torch.dtype,

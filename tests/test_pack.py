@@ -8,14 +8,19 @@
 * A manifest that is malformed (a field of the wrong type or out of range, a version this
   lcsc_fast does not read) is a CheckpointError naming manifest.json and the field; block_elems
   beyond a tensor's size is the whole tensor, written and read alike.
+* An out_dir the store cannot be renamed onto (a file, a symbolic link, a path under a file)
+  is refused before anything is written, with "pack:" and the path; an empty directory is
+  replaced by the store, which keeps its mode and group.
 (The packed store's layout and merges are tested in test_trajectory.py.)
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
+import stat
 
 import pytest
 import torch
@@ -226,3 +231,102 @@ def test_pack_refuses_a_block_elems_that_is_not_a_positive_integer(tmp_path, blo
     with pytest.raises(ValueError, match="block_elems must be a positive integer"):
         pack(small_run(tmp_path), tmp_path / "store", block_elems=block_elems)
     assert not os.path.exists(tmp_path / "store")
+
+
+# ---------------------------------------------------------------- the output directory
+
+
+def tree(folder) -> dict:
+    """Every path under folder (links not followed) with its bytes, link target or None."""
+    out = {}
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            if os.path.islink(path):
+                out[path] = "-> " + os.readlink(path)
+            elif os.path.isfile(path):
+                with open(path, "rb") as f:
+                    out[path] = f.read()
+            else:
+                out[path] = None
+    return out
+
+
+BAD_OUT = {  # id: what comes after "pack: <out_dir> " in the message ({t}: tmp_path)
+    "a file": "exists and is not a directory",
+    "an input file": "exists and is not a directory",
+    "a link to an empty directory": "is a symbolic link (to {t}/empty), which the store would "
+                                    "replace; pack into {t}/empty itself",
+    "a dangling link": "is a symbolic link (to {t}/nowhere), which the store would replace; "
+                       "choose a new directory",
+}
+
+
+def bad_out(folder, case: str):
+    """An out_dir of kind `case` (see BAD_OUT) in folder."""
+    if case == "a file":
+        (folder / "afile").write_text("precious")
+        return folder / "afile"
+    if case == "an input file":
+        return folder / "c0.safetensors"
+    if case == "a link to an empty directory":
+        os.mkdir(folder / "empty")
+        os.symlink(folder / "empty", folder / "link")
+        return folder / "link"
+    os.symlink(folder / "nowhere", folder / "dangling")
+    return folder / "dangling"
+
+
+@pytest.mark.parametrize("case", list(BAD_OUT))
+def test_an_out_dir_the_store_cannot_replace_is_refused_up_front(tmp_path, monkeypatch, case):
+    """Refused before anything is written (the store's writer is never called), and everything
+    on disk is left as it was."""
+    paths = write_checkpoints(tmp_path, running_vars([1.0], [2.0]))
+    out = bad_out(tmp_path, case)
+    before = tree(tmp_path)
+
+    def never(*args):
+        raise AssertionError("the store was written before out_dir was checked")
+
+    monkeypatch.setattr(importlib.import_module("lcsc_fast.pack"), "_write_store", never)
+    with pytest.raises(FileExistsError, match=re.escape(
+            f"pack: {out} " + BAD_OUT[case].format(t=tmp_path))):
+        pack(paths, out)
+    assert tree(tmp_path) == before
+
+
+def test_an_out_dir_under_a_file_is_refused_with_context(tmp_path):
+    paths = write_checkpoints(tmp_path, running_vars([1.0], [2.0]))
+    with pytest.raises(OSError, match=re.escape(
+            f"pack: cannot make the folder {paths[0]}/sub for {paths[0]}/sub/store")):
+        pack(paths, os.path.join(paths[0], "sub", "store"))
+
+
+@pytest.mark.skipif(os.name == "nt", reason="Windows has no file modes")
+@pytest.mark.parametrize("mode", [0o700, 0o750, 0o2775], ids=oct)
+def test_an_empty_out_dir_keeps_its_mode(tmp_path, mode):
+    paths = write_checkpoints(tmp_path, running_vars([1.0], [2.0]))
+    out = tmp_path / "shared"
+    os.mkdir(out)
+    os.chmod(out, mode)
+    pack(paths, out)
+    assert stat.S_IMODE(os.stat(out).st_mode) == mode
+    assert sorted(os.listdir(out)) == ["base.safetensors", "deltas.bin", "integers.safetensors",
+                                       "manifest.json"]
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
+                    reason="giving a folder another group needs root")
+def test_an_empty_setgid_out_dir_keeps_its_group_for_the_store_and_its_files(tmp_path):
+    """A shared folder (setgid, another group): the store and the files in it get its group,
+    as files written there directly would."""
+    paths = write_checkpoints(tmp_path, running_vars([1.0], [2.0]))
+    out = tmp_path / "shared"
+    os.mkdir(out)
+    group = os.getegid() + 4321
+    os.chown(out, -1, group)
+    os.chmod(out, 0o2770)
+    pack(paths, out)
+    assert os.stat(out).st_gid == group and stat.S_IMODE(os.stat(out).st_mode) == 0o2770
+    for name in os.listdir(out):
+        assert os.stat(out / name).st_gid == group, name
