@@ -18,6 +18,7 @@ import json
 import math
 import mmap
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -564,17 +565,29 @@ def _chunks(nbytes: np.ndarray, limit: int) -> list[tuple[int, int]]:
 
 
 def _recorded_snapshots(path: str, manifest: dict) -> tuple[list[str], list[int]]:
-    """The snapshot files a Recorder manifest lists, checked against their sizes, and steps."""
+    """The snapshot files a Recorder manifest lists, checked against their sizes, and steps;
+    as strict as the Recorder reading its own manifest (integer steps, non-negative and
+    ascending; files in the directory)."""
+    where = os.path.join(path, "manifest.json")
     snapshots = manifest.get("snapshots")
     if not isinstance(snapshots, list) or not snapshots:
-        raise CheckpointError(f"{path}/manifest.json lists no snapshots")
+        raise CheckpointError(f"{where} lists no snapshots")
     files, steps = [], []
     for k, snap in enumerate(snapshots):
-        try:
-            step, name, nbytes = int(snap["step"]), str(snap["file"]), int(snap["nbytes"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}/manifest.json: snapshot {k} needs step, file and "
-                                  "nbytes") from None
+        if not (isinstance(snap, dict) and isinstance(snap.get("file"), str)
+                and all(_is_int(snap.get(key)) for key in ("step", "nbytes"))):
+            raise CheckpointError(f"{where}: snapshot {k} is {json.dumps(snap)[:80]}; it needs "
+                                  "an integer step, a file name and an integer nbytes")
+        step, name, nbytes = snap["step"], snap["file"], snap["nbytes"]
+        if os.path.isabs(name) or ".." in re.split(r"[/\\]", name):
+            raise CheckpointError(f"{where}: snapshot {k} names {name!r}, which is outside "
+                                  f"{path}; a Recorder's snapshots lie in its directory")
+        if step < 0:
+            raise CheckpointError(f"{where}: snapshot {k} has step {step}; steps are "
+                                  "non-negative")
+        if steps and step <= steps[-1]:
+            raise CheckpointError(f"{where}: snapshot {k} has step {step} after step "
+                                  f"{steps[-1]}; steps must ascend")
         file = os.path.join(path, name)
         size = os.path.getsize(file) if os.path.exists(file) else None
         if size != nbytes:
@@ -584,6 +597,10 @@ def _recorded_snapshots(path: str, manifest: dict) -> tuple[list[str], list[int]
         files.append(file)
         steps.append(step)
     return files, steps
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _read_json(path: str):

@@ -1319,13 +1319,38 @@ def test_recorder_dir_with_a_truncated_file(recorder_dir):
     (lambda m: m.pop("snapshots"), "no snapshots"),
     (lambda m: m["snapshots"][1].pop("nbytes"), "snapshot 1"),
     (lambda m: m["snapshots"][0].update(step="ten"), "snapshot 0"),
+    (lambda m: m["snapshots"][0].update(step="10"), "snapshot 0 .* integer step"),
+    (lambda m: m["snapshots"][0].update(step=True), "snapshot 0 .* integer step"),
+    (lambda m: m["snapshots"][0].update(step=10.5), "snapshot 0 .* integer step"),
+    (lambda m: m["snapshots"][2].update(nbytes=True), "snapshot 2 .* integer nbytes"),
+    (lambda m: m["snapshots"][1].update(file=7), "snapshot 1 .* file name"),
+    (lambda m: m["snapshots"][1].update(step=10), "snapshot 1 has step 10 after step 10"),
+    (lambda m: m["snapshots"].reverse(), "snapshot 1 has step 20 after step 30"),
+    (lambda m: m["snapshots"][0].update(step=-10), "snapshot 0 has step -10"),
+    (lambda m: m["snapshots"][0].update(file="../outside.safetensors"),
+     "snapshot 0 names '../outside.safetensors', which is outside"),
+    (lambda m: m["snapshots"][0].update(file="sub/../../outside.safetensors"), "outside"),
+    (lambda m: m["snapshots"][0].update(file="{outside}"), "outside"),
 ], ids=["unknown-format", "no-format", "empty-snapshots", "no-snapshots", "no-nbytes",
-        "bad-step"])
+        "bad-step", "string-step", "bool-step", "float-step", "bool-nbytes", "int-file",
+        "duplicate-steps", "descending-steps", "negative-step", "dotdot-file", "nested-dotdot",
+        "absolute-file"])
 def test_recorder_dir_with_a_bad_manifest(recorder_dir, change, match):
+    """A manifest the Recorder itself would refuse is refused: CheckpointError naming it. The
+    files outside the directory exist, with the listed size, so only their place is wrong."""
     folder, _ = recorder_dir
-    _manifest_edit(folder, change)
-    with pytest.raises(CheckpointError, match=match):
+    outside = os.path.join(os.path.dirname(folder), "outside.safetensors")
+    shutil.copyfile(os.path.join(folder, "step-00000010.safetensors"), outside)
+
+    def edit(m):
+        change(m)
+        for s in m.get("snapshots", []):
+            if s.get("file") == "{outside}":
+                s["file"] = outside
+    _manifest_edit(folder, edit)
+    with pytest.raises(CheckpointError, match=match) as info:
         Trajectory.open(folder)
+    assert os.path.join(folder, "manifest.json") in str(info.value)
 
 
 def test_recorder_dir_with_unreadable_manifest(recorder_dir):
