@@ -270,15 +270,14 @@ class MappedFile:
             pass
 
     def close(self) -> None:
-        """Unmap and close; views still held elsewhere keep the mapping alive until dropped."""
+        """Close the file and drop the mapping; tensors still viewing it keep it until they go.
+        mmap.close() would unmap under them: torch.frombuffer holds a reference to the mmap,
+        not a buffer export that would make close() refuse, so the mapping is left to go with
+        its last reference."""
         if self._fd < 0:
             return
         self._bytes = torch.empty(0, dtype=torch.uint8)
-        if self._map is not None:
-            try:
-                self._map.close()
-            except BufferError:
-                pass  # a view is still alive; the mapping goes when it does
+        self._map = None
         os.close(self._fd)
         self._fd = -1
 

@@ -1739,3 +1739,34 @@ def test_truncated_file_outside_a_merge_raises(tmp_path, operation):
     assert lines[-1] == "survived", result.stdout
     assert (lines[-2].startswith("CheckpointError:") and "shrank" in lines[-2]) or (
         lines[-2].startswith("RuntimeError:") and "SIGBUS" in lines[-2]), result.stdout
+
+
+def test_closed_file_stays_mapped_while_views_of_it_live(tmp_path):
+    """MappedFile.close() leaves the mapping to tensors still viewing it (as LoraTrajectory's
+    views of aligned tensors do), which read the same bytes after it; the mapping goes with the
+    last of them, or at close() when there is none. Run in a subprocess: reading an unmapped
+    view would crash."""
+    code = textwrap.dedent("""
+        import gc, os, sys, weakref
+        import torch
+        from lcsc_fast.safetensors_io import MappedFile
+        path = os.path.join(sys.argv[1], "data.bin")
+        with open(path, "wb") as f:
+            f.write(bytes(range(256)) * 64)
+        mapped = MappedFile(path, 256 * 64)
+        view = mapped._bytes[4096:8192].view(torch.int32)
+        expected = view.clone()
+        mapping = weakref.ref(mapped._map)
+        mapped.close()
+        print("kept", mapping() is not None, torch.equal(view, expected))
+        del view
+        gc.collect()
+        print("dropped", mapping() is None)
+        mapped = MappedFile(path, 256 * 64)
+        mapping = weakref.ref(mapped._map)
+        mapped.close()
+        print("closed", mapping() is None)
+    """)
+    result = run_python(code, tmp_path)
+    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr[-2000:])
+    assert result.stdout.splitlines() == ["kept True True", "dropped True", "closed True"]
