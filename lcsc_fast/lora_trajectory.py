@@ -573,13 +573,14 @@ class LoraTrajectory(Sequence):
                        for name, t in floats.items() if name in self._modules]
                       for k, ((floats, _, _), fused) in enumerate(zip(checked, fused_k))]
 
-        for k, ((_, int_targets, _), (dense, lora)) in enumerate(zip(checked, plans)):
+        for k, ((floats, int_targets, _), (dense, lora)) in enumerate(zip(checked, plans)):
             lo, hi = spans[k]
             with naming_changed_files(self._files):
                 if hi > lo:
                     tables.run([[a for _, a in dense]], lo, hi, guard_faults=True)
                 for plan, name in lora_plans[k]:
                     plan(lora[name])
+            engine._bump_versions(list(floats.values()))
             with torch.no_grad():
                 for name, t in int_targets.items():
                     t.copy_(ints[name])

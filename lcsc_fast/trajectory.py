@@ -289,6 +289,7 @@ class Trajectory(Sequence):
         engine._check_float32_finite(columns, "coefficients of the trajectory's columns")
         if targets:
             self._run([targets], device, rows, [columns], base_column, extra)
+            engine._bump_versions(targets)
         for name, (f, entry) in self._int_entries.items():
             with torch.no_grad():
                 tensors[name].copy_(self._files[f].tensor(entry) if self._resident is None
@@ -314,6 +315,7 @@ class Trajectory(Sequence):
             columns_k.append(columns)
         if targets_k and targets_k[0]:
             self._run(targets_k, device, rows, columns_k, base_column, extra)
+            engine._bump_versions([t for targets in targets_k for t in targets])
 
     def _float_targets(self, tensors, ints_required=True):
         """The target's tensor for each float name, their device, and the segments to merge

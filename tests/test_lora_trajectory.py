@@ -338,6 +338,23 @@ def test_merge_into_base_forms_equal_the_merge_of_the_checkpoints(run, base):
         torch.testing.assert_close(t.double(), want[name].double(), rtol=0, atol=2e-5)
 
 
+def test_merges_are_seen_by_autograd(run):
+    """A merge bumps the autograd version of every float tensor it writes, adapted (a LoraPlan)
+    or not (W0 through the engine): backward through a graph that saved one refuses."""
+    folders, net, _ = run
+    traj = Trajectory.open(folders, base=net)
+    target = make_net("autograd")
+    for name, t in target.state_dict(keep_vars=True).items():
+        if not t.is_floating_point():
+            continue
+        y = (t * torch.ones(t.shape, requires_grad=True)).sum()  # saves t
+        version = t._version
+        merge_into(target, traj, COEFFS["sum 1"])
+        assert t._version > version, name
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.backward()
+
+
 def test_merge_batched_equals_one_merge_at_a_time(run):
     folders, net, _ = run
     traj = Trajectory.open(folders, base=net)

@@ -491,6 +491,23 @@ def test_merge_into_module(tmp_path, base):
     assert int(net.bn.num_batches_tracked) == 3
 
 
+def test_merges_from_files_are_seen_by_autograd(tmp_path):
+    """merge_into and merge_batched from files bump the written tensors' autograd versions (as
+    the in-memory ops do): backward through a graph that saved one refuses."""
+    states = trained_states(2)
+    with Trajectory.open(write_run(tmp_path, states)) as traj:
+        net = Net()
+        out = {k: v.clone() for k, v in states[0].items() if v.is_floating_point()}
+        for t, merge in ((net.fc.weight, lambda: merge_into(net, traj, [0.5, 0.5])),
+                         (out["fc.weight"], lambda: traj.merge_batched([[0.5, 0.5]], [out]))):
+            y = (t * torch.ones(t.shape, requires_grad=True)).sum()  # saves t
+            version = t._version
+            merge()
+            assert t._version > version
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                y.backward()
+
+
 class Tied(nn.Module):
     def __init__(self):
         super().__init__()
