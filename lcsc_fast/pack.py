@@ -392,9 +392,9 @@ def open_packed(cls, path: str, manifest: dict, verify: bool = False) -> Traject
     nbytes = numel * ((n - 1) * esize + base_size[tensor]) if parts else numel
     segments = _Segments(tensor.astype(np.int64), start, numel, file, offset, dtype_codes,
                          nbytes)
-    mapped = [MappedFile(header.path, header.file_nbytes),
+    mapped = [MappedFile(header.path, header.file_nbytes, header.file_id),
               MappedFile(os.path.join(path, "deltas.bin"), files["deltas.bin"][0]),
-              MappedFile(integers.path, integers.file_nbytes)]
+              MappedFile(integers.path, integers.file_nbytes, integers.file_id)]
     return cls(kind="packed", files=mapped, headers=[header, integers],
                checkpoints=int_by_checkpoint, steps=steps,
                float_names=float_names, shapes=shapes, dtypes=dtypes, int_entries=int_entries,

@@ -330,3 +330,33 @@ def test_an_empty_setgid_out_dir_keeps_its_group_for_the_store_and_its_files(tmp
     assert os.stat(out).st_gid == group and stat.S_IMODE(os.stat(out).st_mode) == 0o2770
     for name in os.listdir(out):
         assert os.stat(out / name).st_gid == group, name
+
+
+def test_store_rewritten_after_its_headers_were_read_is_refused(tmp_path, monkeypatch):
+    """A packed store's .safetensors files written to between reading their headers and
+    mapping them are refused, as a single checkpoint file is: the headers describe the old
+    bytes."""
+    store = pack(Trajectory.open(write_checkpoints(tmp_path, running_vars([1.0], [2.0]))),
+                 str(tmp_path / "store"))
+    store_module = importlib.import_module("lcsc_fast.pack")
+    for victim in ("base.safetensors", "integers.safetensors"):
+        path = os.path.join(store, victim)
+        mtime_ns = os.stat(path).st_mtime_ns - 3600 * 10**9  # a rewrite surely changes it
+        os.utime(path, ns=(mtime_ns, mtime_ns))
+        read = store_module.read_header
+
+        def read_then_rewrite(p, read=read, path=path):
+            header = read(p)
+            if os.path.samefile(p, path):
+                with open(path, "r+b") as f:
+                    data = f.read()
+                    f.seek(0)
+                    f.write(data)
+            return header
+
+        monkeypatch.setattr(store_module, "read_header", read_then_rewrite)
+        with pytest.raises(CheckpointError, match="written to after its header was read") as info:
+            Trajectory.open(store)
+        assert victim in str(info.value)
+        monkeypatch.undo()
+        Trajectory.open(store).close()  # opened again, it reads the files as they are now
