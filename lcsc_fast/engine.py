@@ -214,13 +214,17 @@ def _check_tensor(t, what: str) -> torch.Tensor:
     return t
 
 
-def _is_like(t, ref: torch.Tensor) -> bool:
-    """The common case in one expression: a supported contiguous tensor shaped like ref."""
+_LIKE_PROPS = operator.attrgetter("layout", "dtype", "shape", "device")
+
+
+def _all_like(ts: list, ref: torch.Tensor) -> bool:
+    """The common case in a few C-level passes: every one of ts a supported contiguous tensor
+    shaped like ref, on its device. False sends the caller to the checks that name a bad one."""
+    like = {(torch.strided, dtype, ref.shape, ref.device) for dtype in _DTYPE_CODES}
     try:
-        return (isinstance(t, torch.Tensor) and t.layout is torch.strided
-                and t.dtype in _DTYPE_CODES and t.shape == ref.shape and t.is_contiguous()
-                and not t.is_neg() and t.device == ref.device)
-    except RuntimeError:  # a nested tensor has no shape: _check_tensor names it
+        return (set(map(_LIKE_PROPS, ts)) <= like and all(map(torch.Tensor.is_contiguous, ts))
+                and not any(map(torch.Tensor.is_neg, ts)))
+    except (AttributeError, TypeError, RuntimeError):  # not tensors; a nested one has no shape
         return False
 
 
@@ -446,11 +450,12 @@ def _check_sources(sources, ref: torch.Tensor, ref_what: str) -> list[torch.Tens
         raise TypeError("sources: expected a sequence of tensors (a list or tuple)")
     if len(sources) == 0:
         raise ValueError("sources: at least one source tensor is needed")
-    for i, s in enumerate(sources):
-        if not _is_like(s, ref):  # the slow path names what is wrong
+    sources = list(sources)
+    if not _all_like(sources, ref):  # name the first that is wrong
+        for i, s in enumerate(sources):
             _check_tensor(s, f"sources[{i}]")
             _check_like(s, ref, f"sources[{i}]", ref_what)
-    return list(sources)
+    return sources
 
 
 # ---------------------------------------------------------------- public ops
@@ -657,8 +662,8 @@ class MergePlan:
                     merged.add(key)
                     copies.append((name, t, entries[-1]))
                 continue
-            for i, s in enumerate(entries):
-                if not _is_like(s, t):  # the slow path names what is wrong
+            if not _all_like(entries, t):  # name the first that is wrong
+                for i, s in enumerate(entries):
                     _check_tensor(s, f"checkpoints[{i}][{name!r}]")
                     _check_like(s, t, f"checkpoints[{i}][{name!r}]", f"target[{name!r}]")
             b = None
